@@ -1,0 +1,33 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv on first use. TORCH_SPEC picks the torch wheel (default: the CPU build
+# that lies on this machine's disk, so no multi-GB CUDA wheel is pulled on a CPU machine).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTHON ?= python3
+
+.PHONY: demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/lightning-memo demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_psmi.py
+	$(PY) benchmarks/bench_monitor_overhead.py
+
+lint: $(VENV)/.installed
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check lightning_memo tests benchmarks examples
+	$(VENV)/bin/ruff format --check lightning_memo tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) lightning_logs build *.egg-info
