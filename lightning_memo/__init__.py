@@ -1,6 +1,33 @@
 """lightning_memo: memorization monitoring and data attribution for PyTorch Lightning."""
 
+from .callbacks import MemorizationMonitor
+from .capture import FeatureCapture, pool, resolve_layers
+from .data import IndexedDataset, get_indices, get_labels, load_digits_flipped, make_accessor
+from .exceptions import (
+    LayerNotFoundError,
+    MissingIndexError,
+    MissingLabelError,
+    NotFittedError,
+    SampleIndexError,
+)
 from .psmi import PSMI, sample_directions
 
-__all__ = ["PSMI", "sample_directions"]
+__all__ = [
+    "PSMI",
+    "sample_directions",
+    "MemorizationMonitor",
+    "FeatureCapture",
+    "pool",
+    "resolve_layers",
+    "IndexedDataset",
+    "make_accessor",
+    "get_indices",
+    "get_labels",
+    "load_digits_flipped",
+    "LayerNotFoundError",
+    "MissingIndexError",
+    "MissingLabelError",
+    "NotFittedError",
+    "SampleIndexError",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Lightning callbacks: thin adapters from Lightning hooks to the math core."""
+
+from .memorization import MemorizationMonitor
+
+__all__ = ["MemorizationMonitor"]

@@ -1,0 +1,623 @@
+"""MemorizationMonitor: PSMI of every training sample, every evaluated epoch, with early warning.
+
+Owns *when* things happen (which epoch, which rank, what is logged and kept in ``state_dict``);
+formulas live in :mod:`lightning_memo.psmi`, hooks in :mod:`lightning_memo.capture`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import IterableDataset
+
+from ..capture import FeatureCapture, LayerSpec, Pooling, check_pooling
+from ..data import Accessor, get_indices, get_labels, make_accessor
+from ..distributed import gather_rows, world_size
+from ..logging import (
+    as_image,
+    atomic_write_csv,
+    atomic_write_json,
+    image_grid,
+    resolve_output_dir,
+    tensorboard_writer,
+)
+from ..psmi import PSMI
+
+__all__ = ["MemorizationMonitor"]
+
+SOURCES = ("train", "eval")
+
+
+def default_forward(module: LightningModule, batch: Any, skip_keys: Sequence[str] = ()) -> Any:
+    """Forward pass used by ``source="eval"``: ``module(batch[0])`` for tuple batches,
+    ``module(**inputs)`` for dict batches (without the index and label keys)."""
+    if isinstance(batch, dict):
+        return module(**{k: v for k, v in batch.items() if k not in skip_keys})
+    if isinstance(batch, (tuple, list)):
+        return module(batch[0])
+    return module(batch)
+
+
+class MemorizationMonitor(Callback):
+    """Pointwise sliced mutual information (PSMI) of each training sample while the model trains.
+
+    Low PSMI between a sample's hidden features and its label early in training predicts that the
+    sample will be memorized (Wongso et al., ISIT 2023; Dentan et al., ECAI 2025). Each evaluated
+    epoch the monitor scores every training sample on every chosen layer, logs summaries,
+    histograms and the lowest-PSMI inputs, writes ``epoch_<E>.csv`` and flags samples that stay
+    below ``warn_below`` for ``patience`` evaluations.
+
+    Args:
+        layers: layer names (globs allowed) or modules whose outputs are scored.
+        every_n_epochs: evaluate every n-th epoch (epochs n-1, 2n-1, ...).
+        source: ``"train"`` (features of the training forward passes; no extra pass) or ``"eval"``
+            (a no-grad pass over the training set in eval mode at the end of the epoch).
+        pooling: how a layer output ``(B, ..., d)`` becomes ``(B, d)``: ``"mean"`` (mask-aware),
+            ``"last"``, ``"first"``, ``"flatten"`` or a callable.
+        n_estimators: PSMI directions (``"auto"`` allowed).
+        seed: seed of the PSMI directions (combined with the epoch and layer).
+        index_key, label_key, input_key: how to read indices, labels and inputs from a batch
+            (dict key, tuple position or callable); defaults in :mod:`lightning_memo.data`.
+        mask_key: dict key of the attention mask used by pooling (ignored when absent).
+        warn_below: PSMI threshold of the early warning (0: less information than chance).
+        patience: consecutive evaluations below ``warn_below`` before a sample is flagged.
+        on_flag: called on every rank with the newly flagged indices ``(k,)`` (numpy).
+        stop_on_flag: stop training (all ranks together) when samples get flagged.
+        top_k: number of lowest-PSMI inputs shown in TensorBoard.
+        flag_layer: layer whose PSMI drives the warning (default: the last resolved layer).
+        output_dir: folder of the result files (default ``<log_dir>/lightning_memo/memorization``).
+        image_shape: reshape flat inputs to this image shape for the grid (e.g. ``(8, 8)``).
+        forward_fn: ``(module, batch) -> output`` used by ``source="eval"``.
+        num_samples: training-set size ``N`` (default ``len(train_dataloader.dataset)``).
+        feature_dtype: dtype of the feature buffers (CPU).
+        psmi_kwargs: more arguments of :class:`~lightning_memo.PSMI` (e.g. ``dtype``,
+            ``directions``, ``memory_budget_mb``).
+        progress: show a progress bar on the ``"eval"`` pass.
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec,
+        every_n_epochs: int = 1,
+        source: str = "train",
+        pooling: Pooling = "mean",
+        n_estimators: Any = 2000,
+        seed: int = 0,
+        index_key: Accessor = None,
+        label_key: Accessor = None,
+        input_key: Accessor = None,
+        mask_key: Optional[str] = "attention_mask",
+        warn_below: float = 0.0,
+        patience: int = 2,
+        on_flag: Optional[Callable[[np.ndarray], None]] = None,
+        stop_on_flag: bool = False,
+        top_k: int = 16,
+        flag_layer: Optional[str] = None,
+        output_dir: Optional[str] = None,
+        image_shape: Optional[Sequence[int]] = None,
+        forward_fn: Optional[Callable[[LightningModule, Any], Any]] = None,
+        num_samples: Optional[int] = None,
+        feature_dtype: torch.dtype = torch.float32,
+        psmi_kwargs: Optional[Dict[str, Any]] = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(layers, (list, tuple)) and not layers:
+            raise ValueError("layers=[] is empty: name at least one layer to monitor.")
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs!r}: use an integer >= 1.")
+        if source not in SOURCES:
+            raise ValueError(f"source={source!r}: use 'train' or 'eval'.")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience={patience!r}: use an integer >= 1.")
+        if top_k < 0:
+            raise ValueError(f"top_k={top_k!r}: use an integer >= 0.")
+        if on_flag is not None and not callable(on_flag):
+            raise ValueError("on_flag must be a callable taking the newly flagged indices.")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r}: use a positive integer or None.")
+        self.layers = layers
+        self.every_n_epochs = every_n_epochs
+        self.source = source
+        self.pooling = check_pooling(pooling)
+        self.n_estimators = n_estimators
+        self.seed = int(seed)
+        self.psmi_kwargs = dict(psmi_kwargs or {})
+        PSMI(n_estimators=n_estimators, seed=0, **self.psmi_kwargs)  # validate now, not later
+        self.index_key, self.label_key, self.input_key = index_key, label_key, input_key
+        self._get_index = make_accessor(index_key, "index")
+        self._get_label = make_accessor(label_key, "label")
+        self._get_input = make_accessor(input_key, "input")
+        self.mask_key = mask_key
+        self.warn_below = float(warn_below)
+        self.patience = patience
+        self.on_flag = on_flag
+        self.stop_on_flag = stop_on_flag
+        self.top_k = int(top_k)
+        self.flag_layer = flag_layer
+        self.output_dir = output_dir
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.forward_fn = forward_fn
+        self.num_samples = num_samples
+        self.feature_dtype = feature_dtype
+        self.progress = progress
+        # state (saved in checkpoints)
+        self.history: List[Dict[str, Any]] = []
+        self.below_count: Optional[torch.Tensor] = None  # (N,) consecutive evaluations below
+        self.flagged_epoch: Optional[torch.Tensor] = None  # (N,) epoch flagged, -1 if not
+        # run-time only
+        self.scores: Dict[int, Dict[str, np.ndarray]] = {}  # epoch -> layer -> (N,) NaN if unscored
+        self.capture: Optional[FeatureCapture] = None
+        self.out_dir: Optional[str] = None
+        self._pending_state: Optional[Dict[str, Any]] = None
+        self._labels: Optional[torch.Tensor] = None
+        self._loss: Optional[torch.Tensor] = None
+        self._margin: Optional[torch.Tensor] = None
+        self._logit_handle: Any = None
+        self._armed_batch: Optional[tuple] = None
+        self._warned: set = set()
+        self._checked = False
+
+    # ------------------------------------------------------------------ identity & state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=str(self.layers), source=self.source)
+
+    @property
+    def flagged(self) -> np.ndarray:
+        """Indices of flagged samples, sorted."""
+        if self.flagged_epoch is None:
+            return np.zeros(0, dtype=np.int64)
+        return torch.nonzero(self.flagged_epoch >= 0).flatten().numpy()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "version": 1,
+            "history": self.history,
+            "below_count": self.below_count,
+            "flagged_epoch": self.flagged_epoch,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._pending_state = dict(state_dict)
+        if state_dict.get("seed", self.seed) != self.seed:
+            rank_zero_warn(
+                f"MemorizationMonitor: the checkpoint was written with seed={state_dict['seed']} "
+                f"but this monitor has seed={self.seed}; resumed scores will differ."
+            )
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.capture = FeatureCapture(pl_module, self.layers, self.pooling, dtype=self.feature_dtype)
+        names = self.capture.names
+        if self.flag_layer is not None and self.flag_layer not in names:
+            raise ValueError(
+                f"flag_layer={self.flag_layer!r} is not one of the monitored layers {names}."
+            )
+        self.out_dir = resolve_output_dir(trainer, self.output_dir, "memorization")
+
+    def _flag_layer(self) -> str:
+        return self.flag_layer or self.capture.names[-1]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        n = self.num_samples or self._dataset_size(trainer)
+        self.capture.allocate(n)
+        self._labels = torch.full((n,), -1, dtype=torch.long)
+        self._loss = torch.full((n,), float("nan"), dtype=torch.float64)
+        self._margin = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.below_count = torch.zeros(n, dtype=torch.long)
+        self.flagged_epoch = torch.full((n,), -1, dtype=torch.long)
+        if self._pending_state is not None:
+            st = self._pending_state
+            for key in ("below_count", "flagged_epoch"):
+                val = st.get(key)
+                if val is not None and val.shape[0] == n:
+                    setattr(self, key, val.clone().cpu())
+            self._pending_state = None
+        if self.source == "train":
+            self.capture.attach()
+            self._logit_handle = pl_module.register_forward_hook(self._logit_hook)
+        if trainer.is_global_zero:
+            atomic_write_json(os.path.join(self.out_dir, "config.json"), self._config(n))
+
+    def _dataset_size(self, trainer: Trainer) -> int:
+        dl = trainer.train_dataloader
+        ds = getattr(dl, "dataset", None)
+        if ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+            raise TypeError(
+                "MemorizationMonitor needs a map-style training dataset (stable sample positions);"
+                f" got {type(ds).__name__}. Wrap a map-style dataset with IndexedDataset, or pass "
+                "num_samples= and give every item an 'index'."
+            )
+        n = len(ds)
+        if n == 0:
+            raise ValueError(
+                "The training dataloader is empty: MemorizationMonitor has no sample to score."
+            )
+        return n
+
+    def _config(self, n: int) -> Dict[str, Any]:
+        return {
+            "layers": self.capture.names,
+            "flag_layer": self._flag_layer(),
+            "every_n_epochs": self.every_n_epochs,
+            "source": self.source,
+            "pooling": self.pooling if isinstance(self.pooling, str) else repr(self.pooling),
+            "n_estimators": self.n_estimators,
+            "seed": self.seed,
+            "warn_below": self.warn_below,
+            "patience": self.patience,
+            "num_samples": n,
+            "psmi_kwargs": {k: str(v) for k, v in self.psmi_kwargs.items()},
+        }
+
+    # ------------------------------------------------------------------ capture
+    def _evaluated(self, epoch: int) -> bool:
+        return (epoch + 1) % self.every_n_epochs == 0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.capture.reset()
+        self._loss.fill_(float("nan"))
+        self._margin.fill_(float("nan"))
+
+    def _read_batch(self, trainer: Trainer, batch: Any) -> tuple:
+        idx = get_indices(
+            batch, self._get_index, self.capture.num_samples,
+            check_duplicates=world_size(trainer.strategy) == 1,
+        )
+        lab = get_labels(batch, self._get_label)
+        if lab.shape[0] != idx.shape[0]:
+            raise ValueError(
+                f"The batch has {idx.shape[0]} indices but {lab.shape[0]} labels; index_key= and "
+                "label_key= must read one value per sample."
+            )
+        mask = batch.get(self.mask_key) if isinstance(batch, dict) and self.mask_key else None
+        self._labels[idx.cpu()] = lab.cpu()
+        return idx, lab, mask
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.source == "eval":
+            if not self._checked:  # fail at the first batch, not at the end of the epoch
+                self._read_batch(trainer, batch)
+                self._checked = True
+            return
+        idx, lab, mask = self._read_batch(trainer, batch)
+        if not self._evaluated(trainer.current_epoch):
+            return
+        self._armed_batch = (idx, lab)
+        self.capture.arm(idx, mask)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self.capture.disarm()
+        self._armed_batch = None
+
+    def _logit_hook(self, module: Any, inputs: Any, output: Any) -> None:
+        if self._armed_batch is not None:
+            self._record_baselines(self._armed_batch[0], self._armed_batch[1], output)
+
+    def _record_baselines(self, idx: torch.Tensor, lab: torch.Tensor, output: Any) -> None:
+        """Per-sample loss and margin when the output is class logits ``(B, C)``."""
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != idx.shape[0]:
+            return
+        if not out.is_floating_point() or int(lab.max()) >= out.shape[1] or int(lab.min()) < 0:
+            return
+        with torch.no_grad():
+            logits = out.detach().double()
+            lab = lab.to(logits.device)
+            loss = F.cross_entropy(logits, lab, reduction="none")
+            own = logits.gather(1, lab[:, None]).squeeze(1)
+            other = logits.scatter(1, lab[:, None], float("-inf")).amax(dim=1)
+            cpu_idx = idx.cpu()
+            self._loss[cpu_idx] = loss.cpu()
+            self._margin[cpu_idx] = (own - other).cpu()
+
+    def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """No-grad pass over the training set in eval mode, recording features and baselines."""
+        from tqdm.auto import tqdm
+
+        dl = trainer.train_dataloader
+        forward = self.forward_fn or (
+            lambda m, b: default_forward(m, b, self._skip_keys(b))
+        )
+        was_training = pl_module.training
+        pl_module.eval()
+        self.capture.attach()
+        try:
+            show = self.progress and trainer.is_global_zero
+            bar = tqdm(dl, desc="MemorizationMonitor: eval pass", leave=False, disable=not show)
+            with torch.no_grad():
+                for batch in bar:
+                    idx, lab, mask = self._read_batch(trainer, batch)
+                    batch = trainer.strategy.batch_to_device(batch)
+                    if mask is not None:
+                        mask = batch[self.mask_key]
+                    self.capture.arm(idx, mask)
+                    out = forward(pl_module, batch)
+                    self.capture.disarm()
+                    self._record_baselines(idx, lab, out)
+        finally:
+            self.capture.remove()
+            pl_module.train(was_training)
+
+    def _skip_keys(self, batch: Any) -> List[str]:
+        keys = []
+        for spec, default in ((self.index_key, "index"), (self.label_key, "label")):
+            keys.append(spec if isinstance(spec, str) else default)
+        keys += ["labels", "y"]
+        return keys
+
+    # ------------------------------------------------------------------ scoring
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if not self._evaluated(epoch):
+            return
+        if self.source == "eval":
+            self.capture.reset()
+            self._eval_pass(trainer, pl_module)
+        labels, loss, margin = self._gather_meta(trainer)
+        scores: Dict[str, np.ndarray] = {}
+        stds: Dict[str, np.ndarray] = {}
+        summary: Dict[str, Any] = {"epoch": epoch, "layers": {}}
+        for li, name in enumerate(self.capture.names):
+            feats, seen = self._gather_features(trainer, name)
+            mean, std, info = self._score_layer(feats, seen, labels, epoch, li, name)
+            scores[name], stds[name] = mean, std
+            summary["layers"][name] = info
+        new = self._update_flags(scores[self._flag_layer()], epoch)
+        summary["n_flagged"] = int((self.flagged_epoch >= 0).sum())
+        summary["new_flagged"] = new.tolist()
+        self.history.append(summary)
+        self.scores[epoch] = scores
+        self._log(trainer, pl_module, epoch, scores, labels, summary)
+        if trainer.is_global_zero:
+            self._write_files(epoch, scores, stds, labels, loss, margin)
+        if len(new):
+            self._warn_flagged(new, epoch)
+            if self.on_flag is not None:
+                self.on_flag(new)
+        if self.stop_on_flag:
+            stop = trainer.strategy.reduce_boolean_decision(bool(len(new)), all=False)
+            if stop:
+                trainer.should_stop = True
+
+    def _gather_meta(self, trainer: Trainer) -> tuple:
+        """Labels (N,) int64 (-1: unseen), loss and margin (N,) float64 (NaN: unknown)."""
+        seen = self._labels >= 0
+        idx = torch.nonzero(seen).flatten()
+        vals = torch.stack(
+            [self._labels[idx].double(), self._loss[idx], self._margin[idx]], dim=1
+        )
+        idx, vals = gather_rows(trainer.strategy, idx, vals)
+        labels = torch.full_like(self._labels, -1)
+        loss = torch.full_like(self._loss, float("nan"))
+        margin = torch.full_like(self._margin, float("nan"))
+        labels[idx] = vals[:, 0].long()
+        loss[idx] = vals[:, 1]
+        margin[idx] = vals[:, 2]
+        return labels, loss, margin
+
+    def _gather_features(self, trainer: Trainer, name: str) -> tuple:
+        idx, feats = self.capture.rows(name)
+        if world_size(trainer.strategy) > 1:
+            d = torch.tensor([feats.shape[1]], device=trainer.strategy.root_device)
+            dim = int(trainer.strategy.all_gather(d).max())
+            if feats.shape[1] != dim:  # a rank that saw no sample
+                feats = feats.new_zeros(0, dim)
+            idx, feats = gather_rows(trainer.strategy, idx, feats)
+        n = self.capture.num_samples
+        full = torch.zeros(n, feats.shape[1], dtype=feats.dtype)
+        seen = torch.zeros(n, dtype=torch.bool)
+        full[idx] = feats.cpu()
+        seen[idx] = True
+        return full, seen
+
+    def _score_layer(
+        self,
+        feats: torch.Tensor,
+        seen: torch.Tensor,
+        labels: torch.Tensor,
+        epoch: int,
+        li: int,
+        name: str,
+    ) -> tuple:
+        """PSMI of one layer's seen, finite samples of classes with >= 2 of them."""
+        n = feats.shape[0]
+        mean = np.full(n, np.nan)
+        std = np.full(n, np.nan)
+        ok = seen & (labels >= 0)
+        missing = int((~ok).sum())
+        finite = torch.isfinite(feats).all(dim=1)
+        nonfinite = int((ok & ~finite).sum())
+        ok &= finite
+        cls, cnt = torch.unique(labels[ok], return_counts=True)
+        lonely = cls[cnt < 2].tolist()
+        if lonely:
+            ok &= ~torch.isin(labels, cls[cnt < 2])
+        info = {"n_scored": int(ok.sum()), "n_missing": missing, "n_nonfinite": nonfinite,
+                "singleton_classes": lonely}
+        if missing:
+            self._warn_once(
+                f"missing-{name}-{epoch}",
+                f"MemorizationMonitor: {missing} of {n} training samples were never seen at layer "
+                f"{name!r} in epoch {epoch} (limit_train_batches, drop_last or a layer skipped in "
+                "forward); they have no score this epoch.",
+            )
+        if nonfinite:
+            rank_zero_warn(
+                f"MemorizationMonitor: {nonfinite} samples have NaN/inf features at layer "
+                f"{name!r} in epoch {epoch}; they are excluded from PSMI (empty in the CSV)."
+            )
+        if lonely:
+            rank_zero_warn(
+                f"MemorizationMonitor: class(es) {lonely[:10]} have a single scored sample at "
+                f"layer {name!r}; PSMI needs 2 per class, so those samples are excluded."
+            )
+        sel = torch.nonzero(ok).flatten()
+        if sel.numel() < 2 or torch.unique(labels[sel]).numel() < 1:
+            return mean, std, {**info, "psmi_mean": float("nan"), "psmi_q05": float("nan")}
+        seed = int(np.random.SeedSequence([self.seed, epoch, li]).generate_state(1)[0])
+        est = PSMI(n_estimators=self.n_estimators, seed=seed, return_full=False, **self.psmi_kwargs)
+        m, s, _ = est.fit_transform(feats[sel], labels[sel])
+        mean[sel.numpy()] = m.double().numpy()
+        std[sel.numpy()] = s.double().numpy()
+        vals = mean[sel.numpy()]
+        info.update(
+            psmi_mean=float(vals.mean()),
+            psmi_q05=float(np.quantile(vals, 0.05)),
+            n_estimators=int(est.n_estimators),
+        )
+        return mean, std, info
+
+    def _update_flags(self, score: np.ndarray, epoch: int) -> np.ndarray:
+        scored = torch.from_numpy(~np.isnan(score))
+        below = torch.from_numpy(np.nan_to_num(score, nan=np.inf) < self.warn_below)
+        self.below_count = torch.where(
+            scored, torch.where(below, self.below_count + 1, 0), self.below_count
+        )
+        new = (self.below_count >= self.patience) & (self.flagged_epoch < 0)
+        self.flagged_epoch[new] = epoch
+        return torch.nonzero(new).flatten().numpy()
+
+    # ------------------------------------------------------------------ output
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(msg)
+
+    def _warn_flagged(self, new: np.ndarray, epoch: int) -> None:
+        first = ", ".join(str(i) for i in new[:10])
+        more = f" (+{len(new) - 10} more)" if len(new) > 10 else ""
+        rank_zero_warn(
+            f"MemorizationMonitor early warning (epoch {epoch}): {len(new)} training samples have "
+            f"had PSMI < {self.warn_below:g} at layer {self._flag_layer()!r} for {self.patience} "
+            f"evaluations and are likely to be memorized: {first}{more}. All flagged indices: "
+            "monitor.flagged; per-sample scores in "
+            f"{os.path.join(self.out_dir, f'epoch_{epoch}.csv')}."
+        )
+
+    def _log(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        epoch: int,
+        scores: Dict[str, np.ndarray],
+        labels: torch.Tensor,
+        summary: Dict[str, Any],
+    ) -> None:
+        for name, info in summary["layers"].items():
+            for key in ("psmi_mean", "psmi_q05"):
+                pl_module.log(f"memo/{name}/{key}", float(info[key]), on_epoch=True, logger=True)
+        pl_module.log("memo/flagged", float(summary["n_flagged"]), on_epoch=True, logger=True)
+        if not trainer.is_global_zero:
+            return
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            if trainer.loggers:
+                self._warn_once(
+                    "no-tb",
+                    "MemorizationMonitor: histograms and image grids need a TensorBoardLogger; "
+                    "they are skipped (scalars and CSV files are still written).",
+                )
+            return
+        step = trainer.global_step
+        for name, s in scores.items():
+            vals = s[~np.isnan(s)]
+            if vals.size:
+                writer.add_histogram(f"memo/{name}/psmi", vals, step)
+        self._log_lowest(trainer, writer, scores[self._flag_layer()], labels, step)
+
+    def _log_lowest(
+        self, trainer: Trainer, writer: Any, score: np.ndarray, labels: torch.Tensor, step: int
+    ) -> None:
+        if self.top_k == 0:
+            return
+        valid = np.nonzero(~np.isnan(score))[0]
+        lowest = valid[np.argsort(score[valid], kind="stable")[: self.top_k]]
+        rows = ["| index | label | PSMI |", "|---|---|---|"]
+        rows += [f"| {i} | {int(labels[i])} | {score[i]:.4f} |" for i in lowest]
+        tag = f"memo/{self._flag_layer()}/lowest_psmi"
+        writer.add_text(tag, "\n".join(rows), step)
+        ds = getattr(trainer.train_dataloader, "dataset", None)
+        if ds is None:
+            return
+        images = []
+        for i in lowest:
+            try:
+                im = as_image(torch.as_tensor(self._get_input(ds[int(i)])), self.image_shape)
+            except (KeyError, IndexError, TypeError, ValueError):
+                im = None
+            if im is None or (images and im.shape != images[0].shape):
+                return  # not images: the text table above is the picture
+            images.append(im)
+        if images:
+            scale = max(1, 64 // max(images[0].shape[1:]))
+            writer.add_image(tag, image_grid(images, scale=scale), step, dataformats="CHW")
+
+    def _write_files(
+        self,
+        epoch: int,
+        scores: Dict[str, np.ndarray],
+        stds: Dict[str, np.ndarray],
+        labels: torch.Tensor,
+        loss: torch.Tensor,
+        margin: torch.Tensor,
+    ) -> None:
+        names = list(scores)
+        any_scored = np.zeros(labels.shape[0], dtype=bool)
+        for s in scores.values():
+            any_scored |= ~np.isnan(s)
+        has_base = bool(torch.isfinite(loss).any())
+        header = ["index", "label"]
+        for name in names:
+            header += [f"{name}/psmi_mean", f"{name}/psmi_std"]
+        if has_base:
+            header += ["loss", "margin"]
+        header.append("flagged")
+        flagged = (self.flagged_epoch >= 0).numpy()
+        rows = []
+        for i in np.nonzero(any_scored | (labels >= 0).numpy())[0]:
+            row = [int(i), int(labels[i])]
+            for name in names:
+                row += [float(scores[name][i]), float(stds[name][i])]
+            if has_base:
+                row += [float(loss[i]), float(margin[i])]
+            row.append(int(flagged[i]))
+            rows.append(row)
+        atomic_write_csv(os.path.join(self.out_dir, f"epoch_{epoch}.csv"), header, rows)
+        fl = self.flagged
+        atomic_write_csv(
+            os.path.join(self.out_dir, "flagged.csv"),
+            ["index", "label", "epoch_flagged"],
+            [[int(i), int(labels[i]), int(self.flagged_epoch[i])] for i in fl],
+        )
+        atomic_write_json(os.path.join(self.out_dir, "history.json"), self.history)
+
+    # ------------------------------------------------------------------ teardown
+    def _remove_hooks(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+        if self._logit_handle is not None:
+            self._logit_handle.remove()
+            self._logit_handle = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()

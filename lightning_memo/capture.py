@@ -1,0 +1,256 @@
+"""Capture pooled hidden features of named layers into per-sample buffers keyed by sample index.
+
+Knows modules, hooks and sample indices; nothing of PSMI or influence.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .exceptions import LayerNotFoundError
+
+__all__ = ["FeatureCapture", "pool", "resolve_layers", "POOLINGS", "LayerSpec", "Pooling"]
+
+POOLINGS = ("mean", "last", "first", "flatten")
+LayerSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]]]
+Pooling = Union[str, Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]]
+
+
+def check_pooling(pooling: Pooling) -> Pooling:
+    """Validate a pooling argument (a name of ``POOLINGS`` or a callable)."""
+    if callable(pooling) or pooling in POOLINGS:
+        return pooling
+    raise ValueError(
+        f"pooling={pooling!r} is not supported; use one of {', '.join(POOLINGS)} or a callable "
+        "(output: (B, ..., d), mask: (B, T) or None) -> (B, d)."
+    )
+
+
+def resolve_layers(model: nn.Module, layers: LayerSpec) -> Dict[str, nn.Module]:
+    """Map layer names, globs or modules to ``{name: module}`` in the order given.
+
+    Raises:
+        LayerNotFoundError: a name or glob matches nothing (lists the closest names).
+    """
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    named = dict(model.named_modules())
+    by_id = {id(m): n for n, m in named.items()}
+    out: Dict[str, nn.Module] = {}
+    for spec in layers:
+        if isinstance(spec, nn.Module):
+            if id(spec) not in by_id:
+                raise LayerNotFoundError(
+                    f"The module {type(spec).__name__} given in layers= is not part of the model; "
+                    "pass a submodule of the LightningModule (or its name)."
+                )
+            name = by_id[id(spec)] or "<root>"
+            out[name] = spec
+            continue
+        if not isinstance(spec, str):
+            raise TypeError(f"layers entries must be names or modules; got {type(spec).__name__}.")
+        if spec in named:
+            out[spec or "<root>"] = named[spec]
+            continue
+        hits = [n for n in named if n and fnmatch.fnmatchcase(n, spec)]
+        if not hits:
+            raise LayerNotFoundError.for_name(spec, named.keys())
+        for n in hits:
+            out[n] = named[n]
+    if not out:
+        raise LayerNotFoundError("layers= is empty: name at least one layer of the model.")
+    return out
+
+
+def pool(output: torch.Tensor, how: Pooling, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pool a layer output ``(B, ..., d)`` to ``(B, d)``.
+
+    Args:
+        output: (B, d), (B, T, d) or (B, ..., d); (B, d) is returned as is (``flatten`` aside).
+        how: ``"mean"`` (mask-aware), ``"last"`` (last non-padding position, left or right padding),
+            ``"first"`` (first non-padding position), ``"flatten"`` or a callable.
+        mask: (B, T) with nonzero for real tokens, or ``None`` (all positions real).
+    """
+    if callable(how):
+        return how(output, mask)
+    b = output.shape[0]
+    if how == "flatten":
+        return output.reshape(b, -1)
+    if output.ndim == 2:
+        return output
+    seq = output.reshape(b, -1, output.shape[-1])  # (B, T, d)
+    if mask is not None:
+        mask = mask.reshape(b, -1).to(seq.device)
+        if mask.shape[1] != seq.shape[1]:
+            raise ValueError(
+                f"The attention mask has {mask.shape[1]} positions but the layer output has "
+                f"{seq.shape[1]}; pass mask_key=None or a pooling callable for this layer."
+            )
+    if how == "mean":
+        if mask is None:
+            return seq.mean(dim=1)
+        w = mask.to(seq.dtype).unsqueeze(-1)
+        return (seq * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
+    if how in ("last", "first"):
+        t = seq.shape[1]
+        if mask is None:
+            pos = torch.full((b,), t - 1 if how == "last" else 0, device=seq.device)
+        else:
+            real = (mask != 0).to(torch.int8)
+            if how == "first":
+                pos = real.argmax(dim=1)
+            else:
+                pos = t - 1 - real.flip(1).argmax(dim=1)
+        return seq[torch.arange(b, device=seq.device), pos]
+    raise ValueError(f"pooling={how!r} is not supported; use one of {', '.join(POOLINGS)}.")
+
+
+class FeatureCapture:
+    """Forward hooks on named layers writing pooled outputs into ``(N, d)`` buffers by index.
+
+    Usage::
+
+        cap = FeatureCapture(model, ["encoder.layer.5"], pooling="last", num_samples=len(ds))
+        with cap:                       # hooks removed in `finally`
+            cap.arm(indices, mask)      # record the next forward passes for these samples
+            model(x)
+            cap.disarm()
+        feats = cap.buffers["encoder.layer.5"][cap.seen["encoder.layer.5"]]
+
+    Args:
+        model: the model owning the layers.
+        layers: names, globs or modules (see :func:`resolve_layers`).
+        pooling: see :func:`pool`.
+        num_samples: ``N``; buffers are allocated at the first record (``d`` unknown before).
+        dtype: buffer dtype.
+        device: buffer device (CPU by default, so ``N x d`` never occupies accelerator memory).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec,
+        pooling: Pooling = "mean",
+        num_samples: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device] = "cpu",
+    ) -> None:
+        self.modules = resolve_layers(model, layers)
+        self.pooling = check_pooling(pooling)
+        self.num_samples = num_samples
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.buffers: Dict[str, torch.Tensor] = {}
+        self.seen: Dict[str, torch.Tensor] = {}
+        self.nonfinite: Dict[str, int] = {name: 0 for name in self.modules}
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+        self._indices: Optional[torch.Tensor] = None
+        self._mask: Optional[torch.Tensor] = None
+
+    @property
+    def names(self) -> List[str]:
+        """Resolved layer names, in order."""
+        return list(self.modules)
+
+    # -------------------------------------------------------------- hooks
+    def attach(self) -> FeatureCapture:
+        """Register the forward hooks (idempotent)."""
+        if not self._handles:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook this object registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.disarm()
+
+    def __enter__(self) -> FeatureCapture:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self, indices: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Record the following forward passes for samples ``indices: (B,)``; ``mask: (B, T)``."""
+        self._indices = indices.detach().to(self.device, torch.long)
+        self._mask = mask
+
+    def disarm(self) -> None:
+        """Stop recording (hooks stay registered)."""
+        self._indices = None
+        self._mask = None
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: object, output: object) -> None:
+            if self._indices is None:
+                return
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(out, torch.Tensor):
+                out = getattr(out, "last_hidden_state", None)
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(
+                        f"Layer {name!r} returned {type(output).__name__}; capture needs a tensor "
+                        "(or a tuple whose first element is one). Choose a submodule that outputs "
+                        "a tensor."
+                    )
+            with torch.no_grad():
+                self.record(name, self._indices, pool(out.detach(), self.pooling, self._mask))
+
+        return hook
+
+    # -------------------------------------------------------------- buffers
+    def allocate(self, num_samples: int) -> None:
+        """Set ``N`` and drop buffers of another size."""
+        if num_samples != self.num_samples:
+            self.buffers.clear()
+            self.seen.clear()
+        self.num_samples = int(num_samples)
+
+    def record(self, name: str, indices: torch.Tensor, pooled: torch.Tensor) -> None:
+        """Write ``pooled: (B, d)`` at rows ``indices: (B,)`` of layer ``name``'s buffer."""
+        if pooled.ndim != 2 or pooled.shape[0] != indices.shape[0]:
+            raise ValueError(
+                f"Layer {name!r} produced pooled features of shape {tuple(pooled.shape)} for a "
+                f"batch of {indices.shape[0]} samples; the layer must keep the batch as its first "
+                "dimension (choose another layer or a pooling callable)."
+            )
+        if self.num_samples is None:
+            raise RuntimeError("FeatureCapture.allocate(num_samples) must run before recording.")
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[1] != pooled.shape[1]:
+            buf = torch.zeros(self.num_samples, pooled.shape[1], dtype=self.dtype, device=self.device)
+            self.buffers[name] = buf
+            self.seen[name] = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
+        buf[indices] = pooled.to(device=self.device, dtype=self.dtype)
+        self.seen[name][indices] = True
+
+    def reset(self) -> None:
+        """Forget which samples were seen (buffers are kept and overwritten)."""
+        for s in self.seen.values():
+            s.zero_()
+
+    def rows(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``(n,)`` and features ``(n, d)`` of the samples seen for layer ``name``."""
+        if name not in self.buffers:
+            empty = torch.zeros(0, 0, dtype=self.dtype, device=self.device)
+            return torch.zeros(0, dtype=torch.long, device=self.device), empty
+        idx = torch.nonzero(self.seen[name]).flatten()
+        return idx, self.buffers[name][idx]
+
+    def missing(self, name: str) -> int:
+        """Number of samples in ``[0, N)`` never seen for layer ``name``."""
+        if name not in self.seen:
+            return int(self.num_samples or 0)
+        return int((~self.seen[name]).sum())
+

@@ -1,0 +1,40 @@
+"""The ``lightning-memo`` command: ``lightning-memo demo [memorization]``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightning-memo", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run a demo on data shipped with scikit-learn")
+    demo.add_argument("which", nargs="?", default="memorization", choices=["memorization"])
+    demo.add_argument("--epochs", type=int, default=40)
+    demo.add_argument("--out", default="demo_runs", help="folder of TensorBoard logs and CSVs")
+    demo.add_argument("--n-estimators", type=int, default=2000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--source", choices=["train", "eval"], default="train")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo" and args.which == "memorization":
+        from .demo import run_memorization_demo
+
+        run_memorization_demo(
+            epochs=args.epochs,
+            out_dir=args.out,
+            n_estimators=args.n_estimators,
+            seed=args.seed,
+            source=args.source,
+        )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

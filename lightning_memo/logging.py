@@ -1,0 +1,112 @@
+"""Output shared by the callbacks: atomic files, the output folder, TensorBoard pictures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Iterable, List, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "atomic_write_text",
+    "atomic_write_csv",
+    "atomic_write_json",
+    "resolve_output_dir",
+    "tensorboard_writer",
+    "image_grid",
+    "as_image",
+]
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_csv(path: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV atomically. Floats are written with full precision (``repr``); NaN as empty."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for row in rows:
+        w.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in row])
+    atomic_write_text(path, buf.getvalue())
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically (sorted keys, indented)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def resolve_output_dir(trainer: Any, explicit: Optional[str], name: str) -> str:
+    """The callback's folder: ``explicit``, else ``trainer.log_dir``, else ``default_root_dir``,
+    plus ``lightning_memo/<name>``. Call it on every rank: ``trainer.log_dir`` broadcasts."""
+    if explicit is not None:
+        return os.path.abspath(explicit)
+    base = trainer.log_dir or trainer.default_root_dir
+    return os.path.join(os.path.abspath(base), "lightning_memo", name)
+
+
+def tensorboard_writer(trainer: Any) -> Any:
+    """The ``SummaryWriter`` of the trainer's first TensorBoard logger, or ``None``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for lg in getattr(trainer, "loggers", []) or []:
+        exp = getattr(lg, "experiment", None)
+        if isinstance(exp, SummaryWriter):
+            return exp
+    return None
+
+
+def as_image(x: torch.Tensor, image_shape: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+    """A sample's input as a ``(C, H, W)`` image in [0, 1], or ``None`` if it is not an image.
+
+    Images: ``(H, W)``, ``(C, H, W)`` with C in {1, 3}, or any tensor of ``prod(image_shape)``
+    elements when ``image_shape`` is given (e.g. ``(8, 8)`` for flattened digits).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() and x.dtype != torch.uint8:
+        return None
+    x = x.detach().float().cpu()
+    if image_shape is not None:
+        if x.numel() != math.prod(image_shape):
+            return None
+        x = x.reshape(*image_shape)
+    if x.ndim == 2:
+        x = x.unsqueeze(0)
+    if x.ndim != 3 or x.shape[0] not in (1, 3) or min(x.shape[1:]) < 4:
+        return None
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+
+
+def image_grid(images: List[torch.Tensor], pad: int = 2, scale: int = 1) -> torch.Tensor:
+    """Tile ``(C, H, W)`` images of one size into a ``(3, H', W')`` grid, nearly square."""
+    k = len(images)
+    ncol = max(1, math.ceil(math.sqrt(k)))
+    nrow = math.ceil(k / ncol)
+    imgs = [im.expand(3, *im.shape[1:]) for im in images]
+    h, w = imgs[0].shape[1] * scale, imgs[0].shape[2] * scale
+    grid = torch.ones(3, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i, im in enumerate(imgs):
+        if scale > 1:
+            im = im.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        r, c = divmod(i, ncol)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
+    return grid
