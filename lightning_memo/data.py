@@ -1,7 +1,8 @@
 """Sample identity: ``IndexedDataset`` and the accessors that read indices, labels and inputs.
 
 Every training sample has a stable integer index in ``[0, N)``. Accessors find it in a batch:
-default key ``"index"`` of a dict batch, else the last element of a tuple batch; labels default to
+default key ``"index"`` of a dict batch, else the last element of a tuple batch of at least three
+elements (``(inputs, labels)`` has none); labels default to
 key ``"label"`` (or ``"labels"``) / the second element; inputs to key ``"input"`` (or ``"x"``,
 ``"input_ids"``, ``"pixel_values"``) / the first element. Each is overridable by a key, a tuple
 position or a callable ``batch -> tensor``.
@@ -90,8 +91,9 @@ def make_accessor(spec: Accessor, kind: str) -> Callable[[Any], Any]:
                         return batch[k]
                 raise KeyError(keys[0])
             if isinstance(batch, (tuple, list)):
-                if len(batch) < 2 and kind != "input":
-                    raise KeyError(pos)
+                # (inputs, labels) has no index: the index is last of at least 3 elements
+                if len(batch) < (3 if kind == "index" else 2 if kind == "label" else 1):
+                    raise KeyError(f"position {pos} of a batch with at least 3 elements")
                 return batch[pos]
             if kind == "input":
                 return batch

@@ -90,8 +90,10 @@ def as_image(x: torch.Tensor, image_shape: Optional[Sequence[int]] = None) -> Op
         x = x.reshape(*image_shape)
     if x.ndim == 2:
         x = x.unsqueeze(0)
-    if x.ndim != 3 or x.shape[0] not in (1, 3) or min(x.shape[1:]) < 4:
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
         return None
+    if image_shape is None and min(x.shape[1:]) < 4:
+        return None  # a small tensor is not taken for an image unless image_shape says so
     lo, hi = x.min(), x.max()
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 

@@ -253,7 +253,7 @@ class PSMI:
         if dtype is None:
             dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
             if not isinstance(features, torch.Tensor) and x.dtype != torch.float32:
-                dtype = torch.float64  # numpy and lists: float64, as the reference
+                dtype = torch.float32  # numpy and lists: float64, as the reference
         x = x.to(dtype)
         bad = ~torch.isfinite(x).all(dim=1)
         if bool(bad.any()):
@@ -403,6 +403,7 @@ class PSMI:
         n_floored = 0
         m_target = self.max_n_estimators if self.auto else self.n_estimators
         done = 0
+        converged = False
         unit = _MomentAccumulator(n, x.device)
         while done < m_target:
             if theta is not None:
@@ -432,9 +433,10 @@ class PSMI:
                 block_means.append(unit.mean)
                 unit = _MomentAccumulator(n, x.device)
             if self.auto and self._auto_should_stop(block_means):
+                converged = True
                 break
         if self.auto:
-            if done >= self.max_n_estimators:
+            if not converged:
                 warnings.warn(
                     f"PSMI 'auto' reached max_n_estimators={self.max_n_estimators} before the "
                     "lowest scores stabilised; raise max_n_estimators or use a fixed n_estimators.",

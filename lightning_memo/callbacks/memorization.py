@@ -468,8 +468,12 @@ class MemorizationMonitor(Callback):
         sel = torch.nonzero(ok).flatten()
         if sel.numel() < 2 or torch.unique(labels[sel]).numel() < 1:
             return mean, std, {**info, "psmi_mean": float("nan"), "psmi_q05": float("nan")}
-        seed = int(np.random.SeedSequence([self.seed, epoch, li]).generate_state(1)[0])
-        est = PSMI(n_estimators=self.n_estimators, seed=seed, return_full=False, **self.psmi_kwargs)
+        est = PSMI(
+            n_estimators=self.n_estimators,
+            seed=self.direction_seed(epoch, li),
+            return_full=False,
+            **self.psmi_kwargs,
+        )
         m, s, _ = est.fit_transform(feats[sel], labels[sel])
         mean[sel.numpy()] = m.double().numpy()
         std[sel.numpy()] = s.double().numpy()
@@ -480,6 +484,11 @@ class MemorizationMonitor(Callback):
             n_estimators=int(est.n_estimators),
         )
         return mean, std, info
+
+    def direction_seed(self, epoch: int, layer_index: int) -> int:
+        """Seed of the PSMI directions of one evaluation: a function of ``seed``, the epoch and
+        the layer's position, so every rank and a resumed run draw the same directions."""
+        return int(np.random.SeedSequence([self.seed, epoch, layer_index]).generate_state(1)[0])
 
     def _update_flags(self, score: np.ndarray, epoch: int) -> np.ndarray:
         scored = torch.from_numpy(~np.isnan(score))
@@ -517,10 +526,11 @@ class MemorizationMonitor(Callback):
         labels: torch.Tensor,
         summary: Dict[str, Any],
     ) -> None:
+        has_logger = bool(trainer.loggers)
         for name, info in summary["layers"].items():
             for key in ("psmi_mean", "psmi_q05"):
-                pl_module.log(f"memo/{name}/{key}", float(info[key]), on_epoch=True, logger=True)
-        pl_module.log("memo/flagged", float(summary["n_flagged"]), on_epoch=True, logger=True)
+                pl_module.log(f"memo/{name}/{key}", float(info[key]), on_epoch=True, logger=has_logger)
+        pl_module.log("memo/flagged", float(summary["n_flagged"]), on_epoch=True, logger=has_logger)
         if not trainer.is_global_zero:
             return
         writer = tensorboard_writer(trainer)
@@ -615,6 +625,13 @@ class MemorizationMonitor(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.num_training_batches == 0:
+            raise ValueError(
+                "The training dataloader is empty (0 batches), so MemorizationMonitor scored "
+                "nothing; check the dataset, limit_train_batches and drop_last."
+            )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
