@@ -72,6 +72,39 @@ class IndexedDataset(Dataset):
         return (item, i)
 
 
+class _DefaultAccessor:
+    """Reads ``kind`` with the default dict keys / tuple positions (picklable for ddp_spawn)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, batch: Any) -> Any:
+        kind, keys, pos = self.kind, _DEFAULT_KEYS[self.kind], _DEFAULT_POS[self.kind]
+        if isinstance(batch, dict):
+            for k in keys:
+                if k in batch:
+                    return batch[k]
+            raise KeyError(keys[0])
+        if isinstance(batch, (tuple, list)):
+            # (inputs, labels) has no index: the index is last of at least 3 elements
+            if len(batch) < (3 if kind == "index" else 2 if kind == "label" else 1):
+                raise KeyError(f"position {pos} of a batch with at least 3 elements")
+            return batch[pos]
+        if kind == "input":
+            return batch
+        raise KeyError(pos)
+
+
+class _KeyAccessor:
+    """Reads ``batch[key]`` (a dict key or a tuple position)."""
+
+    def __init__(self, key: Union[str, int]) -> None:
+        self.key = key
+
+    def __call__(self, batch: Any) -> Any:
+        return batch[self.key]
+
+
 def make_accessor(spec: Accessor, kind: str) -> Callable[[Any], Any]:
     """Build ``batch -> value`` for ``kind`` in {"index", "label", "input"}.
 
@@ -82,31 +115,12 @@ def make_accessor(spec: Accessor, kind: str) -> Callable[[Any], Any]:
     if callable(spec):
         return spec
     if spec is None:
-        keys, pos = _DEFAULT_KEYS[kind], _DEFAULT_POS[kind]
-
-        def default(batch: Any) -> Any:
-            if isinstance(batch, dict):
-                for k in keys:
-                    if k in batch:
-                        return batch[k]
-                raise KeyError(keys[0])
-            if isinstance(batch, (tuple, list)):
-                # (inputs, labels) has no index: the index is last of at least 3 elements
-                if len(batch) < (3 if kind == "index" else 2 if kind == "label" else 1):
-                    raise KeyError(f"position {pos} of a batch with at least 3 elements")
-                return batch[pos]
-            if kind == "input":
-                return batch
-            raise KeyError(pos)
-
-        return default
+        return _DefaultAccessor(kind)
     if isinstance(spec, (str, int)):
-
-        def by_key(batch: Any) -> Any:
-            return batch[spec]
-
-        return by_key
-    raise TypeError(f"{kind}_key={spec!r}: use a dict key (str), a tuple position (int) or a callable.")
+        return _KeyAccessor(spec)
+    raise TypeError(
+        f"{kind}_key={spec!r}: use a dict key (str), a tuple position (int) or a callable."
+    )
 
 
 def _describe(batch: Any) -> str:

@@ -253,7 +253,7 @@ class PSMI:
         if dtype is None:
             dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
             if not isinstance(features, torch.Tensor) and x.dtype != torch.float32:
-                dtype = torch.float32  # numpy and lists: float64, as the reference
+                dtype = torch.float64  # numpy and lists: float64, as the reference
         x = x.to(dtype)
         bad = ~torch.isfinite(x).all(dim=1)
         if bool(bad.any()):
