@@ -70,7 +70,8 @@ def pool(output: torch.Tensor, how: Pooling, mask: Optional[torch.Tensor] = None
     """Pool a layer output ``(B, ..., d)`` to ``(B, d)``.
 
     Args:
-        output: (B, d), (B, T, d) or (B, ..., d); (B, d) is returned as is (``flatten`` aside).
+        output: (B, d) (returned as is, ``flatten`` aside), (B, T, d) sequences (features last),
+            or (B, C, H, W) conv maps (channels first: ``"mean"`` averages over H and W).
         how: ``"mean"`` (mask-aware), ``"last"`` (last non-padding position, left or right padding),
             ``"first"`` (first non-padding position), ``"flatten"`` or a callable.
         mask: (B, T) with nonzero for real tokens, or ``None`` (all positions real).
@@ -82,6 +83,13 @@ def pool(output: torch.Tensor, how: Pooling, mask: Optional[torch.Tensor] = None
         return output.reshape(b, -1)
     if output.ndim == 2:
         return output
+    if output.ndim == 4:  # conv feature map (B, C, H, W): channels first
+        if how == "mean":
+            return output.mean(dim=(2, 3))
+        raise ValueError(
+            f"pooling={how!r} on a (B, C, H, W) feature map has no token order; use 'mean' "
+            "(average over H, W), 'flatten' or a callable."
+        )
     seq = output.reshape(b, -1, output.shape[-1])  # (B, T, d)
     if mask is not None:
         mask = mask.reshape(b, -1).to(seq.device)
@@ -146,7 +154,6 @@ class FeatureCapture:
         self.device = torch.device(device)
         self.buffers: Dict[str, torch.Tensor] = {}
         self.seen: Dict[str, torch.Tensor] = {}
-        self.nonfinite: Dict[str, int] = {name: 0 for name in self.modules}
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._indices: Optional[torch.Tensor] = None
         self._mask: Optional[torch.Tensor] = None
@@ -229,7 +236,9 @@ class FeatureCapture:
             raise RuntimeError("FeatureCapture.allocate(num_samples) must run before recording.")
         buf = self.buffers.get(name)
         if buf is None or buf.shape[1] != pooled.shape[1]:
-            buf = torch.zeros(self.num_samples, pooled.shape[1], dtype=self.dtype, device=self.device)
+            buf = torch.zeros(
+                self.num_samples, pooled.shape[1], dtype=self.dtype, device=self.device
+            )
             self.buffers[name] = buf
             self.seen[name] = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
         buf[indices] = pooled.to(device=self.device, dtype=self.dtype)
@@ -253,4 +262,3 @@ class FeatureCapture:
         if name not in self.seen:
             return int(self.num_samples or 0)
         return int((~self.seen[name]).sum())
-

@@ -87,8 +87,9 @@ class _DefaultAccessor:
             raise KeyError(keys[0])
         if isinstance(batch, (tuple, list)):
             # (inputs, labels) has no index: the index is last of at least 3 elements
-            if len(batch) < (3 if kind == "index" else 2 if kind == "label" else 1):
-                raise KeyError(f"position {pos} of a batch with at least 3 elements")
+            need = 3 if kind == "index" else 2 if kind == "label" else 1
+            if len(batch) < need:
+                raise KeyError(f"position {pos} of a batch with at least {need} elements")
             return batch[pos]
         if kind == "input":
             return batch
@@ -132,7 +133,9 @@ def _describe(batch: Any) -> str:
 
 
 def get_indices(
-    batch: Any, accessor: Callable[[Any], Any], num_samples: Optional[int] = None,
+    batch: Any,
+    accessor: Callable[[Any], Any],
+    num_samples: Optional[int] = None,
     check_duplicates: bool = True,
 ) -> torch.Tensor:
     """Read and validate the sample indices of a batch.
@@ -158,8 +161,9 @@ def get_indices(
     if idx.numel() and num_samples is not None:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= num_samples:
+            bad = hi if hi >= num_samples else lo
             raise SampleIndexError(
-                f"Sample index {hi if hi >= num_samples else lo} is out of range [0, {num_samples}) "
+                f"Sample index {bad} is out of range [0, {num_samples}) "
                 "(the training set size). Indices must be positions in the training set: wrap the "
                 "dataset itself with IndexedDataset, or pass num_samples= if it is larger."
             )
@@ -222,4 +226,3 @@ def load_digits_flipped(
     shift = rng.integers(1, 10, size=int(flipped.sum()))
     y_noisy[flipped] = (y_true[flipped] + shift) % 10
     return x, y_noisy, y_true, flipped
-

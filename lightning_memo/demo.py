@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import lightning as L
 import numpy as np
@@ -174,5 +174,3 @@ def _print_report(r: Dict[str, Any]) -> None:
     )
     print(f"Per-epoch CSV files: {r['monitor_dir']}")
     print(f"Open the pictures: tensorboard --logdir {os.path.dirname(r['log_dir'])}")
-
-

@@ -46,5 +46,6 @@ WRAP_HINT = (
     "    train_set = IndexedDataset(train_set)   # tuple items gain the index last,\n"
     "                                            # dict items gain the key 'index'\n"
     "    DataLoader(train_set, ...)\n"
-    "or pass `index_key=` (a dict key, a tuple position or a callable batch -> indices)."
+    "or pass `index_key=` (a dict key, a tuple position or a callable batch -> indices); a\n"
+    "2-tuple (inputs, index) from IndexedDataset over unlabeled items needs index_key=1."
 )

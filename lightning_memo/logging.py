@@ -75,7 +75,9 @@ def tensorboard_writer(trainer: Any) -> Any:
     return None
 
 
-def as_image(x: torch.Tensor, image_shape: Optional[Sequence[int]] = None) -> Optional[torch.Tensor]:
+def as_image(
+    x: torch.Tensor, image_shape: Optional[Sequence[int]] = None
+) -> Optional[torch.Tensor]:
     """A sample's input as a ``(C, H, W)`` image in [0, 1], or ``None`` if it is not an image.
 
     Images: ``(H, W)``, ``(C, H, W)`` with C in {1, 3}, or any tensor of ``prod(image_shape)``
@@ -98,17 +100,57 @@ def as_image(x: torch.Tensor, image_shape: Optional[Sequence[int]] = None) -> Op
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
-def image_grid(images: List[torch.Tensor], pad: int = 2, scale: int = 1) -> torch.Tensor:
-    """Tile ``(C, H, W)`` images of one size into a ``(3, H', W')`` grid, nearly square."""
+# 3x5 bitmap digits (and '-') to print labels under the grid's tiles without a font library
+_GLYPHS = {
+    "0": "111101101101111",
+    "1": "010110010010111",
+    "2": "111001111100111",
+    "3": "111001111001111",
+    "4": "101101111001001",
+    "5": "111100111001111",
+    "6": "111100111101111",
+    "7": "111001010010010",
+    "8": "111101111101111",
+    "9": "111101111001111",
+    "-": "000000111000000",
+}
+
+
+def render_text(text: str, size: int = 2) -> torch.Tensor:
+    """``text`` (digits and '-') as a ``(5 * size, 4 * size * len(text))`` ink mask in {0, 1}."""
+    cols = []
+    for ch in text:
+        bits = _GLYPHS.get(ch, "0" * 15)
+        glyph = torch.tensor([float(b) for b in bits]).reshape(5, 3)
+        cols += [glyph, torch.zeros(5, 1)]
+    mask = torch.cat(cols, dim=1) if cols else torch.zeros(5, 0)
+    return mask.repeat_interleave(size, 0).repeat_interleave(size, 1)
+
+
+def image_grid(
+    images: List[torch.Tensor],
+    captions: Optional[Sequence[str]] = None,
+    pad: int = 2,
+    scale: int = 1,
+) -> torch.Tensor:
+    """Tile ``(C, H, W)`` images of one size into a ``(3, H', W')`` grid, nearly square, with an
+    optional caption (digits, e.g. the label) printed under each tile."""
     k = len(images)
     ncol = max(1, math.ceil(math.sqrt(k)))
     nrow = math.ceil(k / ncol)
-    imgs = [im.expand(3, *im.shape[1:]) for im in images]
-    h, w = imgs[0].shape[1] * scale, imgs[0].shape[2] * scale
-    grid = torch.ones(3, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
-    for i, im in enumerate(imgs):
+    h, w = images[0].shape[1] * scale, images[0].shape[2] * scale
+    cap_h = 14 if captions is not None else 0
+    cell_h = h + cap_h
+    grid = torch.ones(3, nrow * (cell_h + pad) + pad, ncol * (w + pad) + pad)
+    for i, im in enumerate(images):
+        im = im.expand(3, *im.shape[1:])
         if scale > 1:
             im = im.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
         r, c = divmod(i, ncol)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
-    return grid
+        top, left = pad + r * (cell_h + pad), pad + c * (w + pad)
+        grid[:, top : top + h, left : left + w] = im
+        if captions is not None:
+            ink = render_text(str(captions[i]))[:, :w]
+            y0 = top + h + 2
+            grid[:, y0 : y0 + ink.shape[0], left : left + ink.shape[1]] -= ink
+    return grid.clamp_(0, 1)

@@ -103,7 +103,8 @@ class PSMI:
 
     Args:
         n_estimators: number of directions, or ``"auto"`` (blocks of ``min_n_estimators`` until the
-            lowest-PSMI samples are stable, as the ``psmi`` package, capped by ``max_n_estimators``).
+            lowest-PSMI samples are stable, as the ``psmi`` package; capped by
+            ``max_n_estimators``).
         min_n_estimators: block size of ``"auto"``.
         lowest_psmi_quantile: share of samples with the lowest PSMI checked by ``"auto"``.
         max_variation_of_the_lowest: relative variation below which ``"auto"`` stops.
@@ -233,7 +234,11 @@ class PSMI:
     # ------------------------------------------------------------------ input handling
     def _prepare(self, features: Any, labels: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         self._numpy_out = not isinstance(features, torch.Tensor)
-        x = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
+        x = (
+            features
+            if isinstance(features, torch.Tensor)
+            else torch.as_tensor(np.asarray(features))
+        )
         y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
         if x.ndim != 2:
             raise ValueError(
@@ -293,7 +298,9 @@ class PSMI:
         rms2 = (w * (var + means.square())).sum(dim=0)
         total_var = (rms2 - (w * means).sum(dim=0).square()).clamp_min(0)
         eps = torch.finfo(proj.dtype).eps
-        floor = self.variance_floor * total_var + (4 * eps) ** 2 * rms2 + torch.finfo(proj.dtype).tiny
+        floor = (
+            self.variance_floor * total_var + (4 * eps) ** 2 * rms2 + torch.finfo(proj.dtype).tiny
+        )
         low = var < floor
         var = torch.where(low, floor.expand_as(var), var)
         return means, var.sqrt_(), int(low.sum())
@@ -525,7 +532,11 @@ class PSMI:
         for s in range(0, theta.shape[0], bsize):
             proj = xs @ theta[s : s + bsize].T
             pmi, bmean, bm2 = self._pmi_block(
-                proj, segments, means[:, s : s + bsize], stds[:, s : s + bsize], log_priors,
+                proj,
+                segments,
+                means[:, s : s + bsize],
+                stds[:, s : s + bsize],
+                log_priors,
                 return_full,
             )
             acc.add_moments(proj.shape[1], bmean, bm2)
@@ -579,7 +590,7 @@ class _MomentAccumulator:
         self.m2 = torch.zeros(n, dtype=torch.float64, device=device)
 
     def add_moments(self, b: int, bmean: torch.Tensor, bm2: torch.Tensor) -> None:
-        """Merge a block of ``b`` columns with row means ``bmean: (n,)`` and row M2 ``bm2: (n,)``."""
+        """Merge a block of ``b`` columns: row means ``bmean: (n,)``, row M2 ``bm2: (n,)``."""
         total = self.count + b
         delta = bmean - self.mean
         self.mean += delta * (b / total)

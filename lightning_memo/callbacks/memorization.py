@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from ..capture import FeatureCapture, LayerSpec, Pooling, check_pooling
 from ..data import Accessor, get_indices, get_labels, make_accessor
@@ -129,6 +129,13 @@ class MemorizationMonitor(Callback):
         self.n_estimators = n_estimators
         self.seed = int(seed)
         self.psmi_kwargs = dict(psmi_kwargs or {})
+        reserved = {"n_estimators", "seed", "generator", "return_full"} & set(self.psmi_kwargs)
+        if reserved:
+            raise ValueError(
+                f"psmi_kwargs sets {sorted(reserved)}, which the monitor controls: pass "
+                "n_estimators= and seed= to MemorizationMonitor (directions are seeded per epoch "
+                "and layer so ranks and resumed runs agree)."
+            )
         PSMI(n_estimators=n_estimators, seed=0, **self.psmi_kwargs)  # validate now, not later
         self.index_key, self.label_key, self.input_key = index_key, label_key, input_key
         self._get_index = make_accessor(index_key, "index")
@@ -167,7 +174,9 @@ class MemorizationMonitor(Callback):
     # ------------------------------------------------------------------ identity & state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(layers=str(self.layers), source=self.source)
+        return self._generate_state_key(
+            layers=str(self.layers), source=self.source, pooling=str(self.pooling)
+        )
 
     @property
     def flagged(self) -> np.ndarray:
@@ -198,7 +207,9 @@ class MemorizationMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.capture = FeatureCapture(pl_module, self.layers, self.pooling, dtype=self.feature_dtype)
+        self.capture = FeatureCapture(
+            pl_module, self.layers, self.pooling, dtype=self.feature_dtype
+        )
         names = self.capture.names
         if self.flag_layer is not None and self.flag_layer not in names:
             raise ValueError(
@@ -221,8 +232,15 @@ class MemorizationMonitor(Callback):
             st = self._pending_state
             for key in ("below_count", "flagged_epoch"):
                 val = st.get(key)
-                if val is not None and val.shape[0] == n:
-                    setattr(self, key, val.clone().cpu())
+                if val is None:
+                    continue
+                if val.shape[0] != n:
+                    rank_zero_warn(
+                        f"MemorizationMonitor: the checkpoint holds {key} for {val.shape[0]} "
+                        f"samples but the training set has {n}; the early-warning state restarts."
+                    )
+                    continue
+                setattr(self, key, val.clone().cpu())
             self._pending_state = None
         if self.source == "train":
             self.capture.attach()
@@ -272,7 +290,9 @@ class MemorizationMonitor(Callback):
 
     def _read_batch(self, trainer: Trainer, batch: Any) -> tuple:
         idx = get_indices(
-            batch, self._get_index, self.capture.num_samples,
+            batch,
+            self._get_index,
+            self.capture.num_samples,
             check_duplicates=world_size(trainer.strategy) == 1,
         )
         lab = get_labels(batch, self._get_label)
@@ -324,21 +344,43 @@ class MemorizationMonitor(Callback):
             self._loss[cpu_idx] = loss.cpu()
             self._margin[cpu_idx] = (own - other).cpu()
 
+    def _eval_loader(self, trainer: Trainer) -> Any:
+        """A sequential loader over this rank's share of the training set (no RNG consumed, so
+        the training run is the same with and without the monitor); the training loader itself
+        when it has a custom batch sampler."""
+        dl = trainer.train_dataloader
+        ds = getattr(dl, "dataset", None)
+        if ds is None or getattr(dl, "batch_size", None) is None:
+            return dl
+        sampler = None
+        if world_size(trainer.strategy) > 1:
+            sampler = DistributedSampler(
+                ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            ds,
+            batch_size=dl.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            collate_fn=dl.collate_fn,
+            num_workers=dl.num_workers,
+            pin_memory=dl.pin_memory,
+        )
+
     def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """No-grad pass over the training set in eval mode, recording features and baselines."""
         from tqdm.auto import tqdm
 
-        dl = trainer.train_dataloader
-        forward = self.forward_fn or (
-            lambda m, b: default_forward(m, b, self._skip_keys(b))
-        )
+        skip = self._skip_keys()
+        forward = self.forward_fn or (lambda m, b: default_forward(m, b, skip))
         was_training = pl_module.training
         pl_module.eval()
         self.capture.attach()
         try:
             show = self.progress and trainer.is_global_zero
-            bar = tqdm(dl, desc="MemorizationMonitor: eval pass", leave=False, disable=not show)
-            with torch.no_grad():
+            loader = self._eval_loader(trainer)
+            bar = tqdm(loader, desc="MemorizationMonitor: eval pass", leave=False, disable=not show)
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
                 for batch in bar:
                     idx, lab, mask = self._read_batch(trainer, batch)
                     batch = trainer.strategy.batch_to_device(batch)
@@ -352,11 +394,10 @@ class MemorizationMonitor(Callback):
             self.capture.remove()
             pl_module.train(was_training)
 
-    def _skip_keys(self, batch: Any) -> List[str]:
-        keys = []
-        for spec, default in ((self.index_key, "index"), (self.label_key, "label")):
-            keys.append(spec if isinstance(spec, str) else default)
-        keys += ["labels", "y"]
+    def _skip_keys(self) -> List[str]:
+        """Dict keys that are not model inputs: the index and label keys."""
+        keys = ["index", "label", "labels", "y"]
+        keys += [k for k in (self.index_key, self.label_key) if isinstance(k, str)]
         return keys
 
     # ------------------------------------------------------------------ scoring
@@ -397,9 +438,7 @@ class MemorizationMonitor(Callback):
         """Labels (N,) int64 (-1: unseen), loss and margin (N,) float64 (NaN: unknown)."""
         seen = self._labels >= 0
         idx = torch.nonzero(seen).flatten()
-        vals = torch.stack(
-            [self._labels[idx].double(), self._loss[idx], self._margin[idx]], dim=1
-        )
+        vals = torch.stack([self._labels[idx].double(), self._loss[idx], self._margin[idx]], dim=1)
         idx, vals = gather_rows(trainer.strategy, idx, vals)
         labels = torch.full_like(self._labels, -1)
         loss = torch.full_like(self._loss, float("nan"))
@@ -446,8 +485,12 @@ class MemorizationMonitor(Callback):
         lonely = cls[cnt < 2].tolist()
         if lonely:
             ok &= ~torch.isin(labels, cls[cnt < 2])
-        info = {"n_scored": int(ok.sum()), "n_missing": missing, "n_nonfinite": nonfinite,
-                "singleton_classes": lonely}
+        info = {
+            "n_scored": int(ok.sum()),
+            "n_missing": missing,
+            "n_nonfinite": nonfinite,
+            "singleton_classes": lonely,
+        }
         if missing:
             self._warn_once(
                 f"missing-{name}-{epoch}",
@@ -529,8 +572,20 @@ class MemorizationMonitor(Callback):
         has_logger = bool(trainer.loggers)
         for name, info in summary["layers"].items():
             for key in ("psmi_mean", "psmi_q05"):
-                pl_module.log(f"memo/{name}/{key}", float(info[key]), on_epoch=True, logger=has_logger)
-        pl_module.log("memo/flagged", float(summary["n_flagged"]), on_epoch=True, logger=has_logger)
+                pl_module.log(
+                    f"memo/{name}/{key}",
+                    float(info[key]),
+                    on_epoch=True,
+                    logger=has_logger,
+                    sync_dist=True,
+                )
+        pl_module.log(
+            "memo/flagged",
+            float(summary["n_flagged"]),
+            on_epoch=True,
+            logger=has_logger,
+            sync_dist=True,
+        )
         if not trainer.is_global_zero:
             return
         writer = tensorboard_writer(trainer)
@@ -574,7 +629,8 @@ class MemorizationMonitor(Callback):
             images.append(im)
         if images:
             scale = max(1, 64 // max(images[0].shape[1:]))
-            writer.add_image(tag, image_grid(images, scale=scale), step, dataformats="CHW")
+            grid = image_grid(images, [str(int(labels[i])) for i in lowest], scale=scale)
+            writer.add_image(tag, grid, step, dataformats="CHW")
 
     def _write_files(
         self,
@@ -633,7 +689,9 @@ class MemorizationMonitor(Callback):
                 "nothing; check the dataset, limit_train_batches and drop_last."
             )
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         self._remove_hooks()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

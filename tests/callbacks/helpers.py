@@ -39,7 +39,9 @@ class TinyMLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
-def make_data(n: int = 120, in_dim: int = 8, n_classes: int = 3, seed: int = 0, dtype=torch.float32):
+def make_data(
+    n: int = 120, in_dim: int = 8, n_classes: int = 3, seed: int = 0, dtype=torch.float32
+):
     """Gaussian clusters, seeded. x: (n, in_dim), y: (n,)."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % n_classes
@@ -48,7 +50,9 @@ def make_data(n: int = 120, in_dim: int = 8, n_classes: int = 3, seed: int = 0, 
     return x.to(dtype), y
 
 
-def make_loader(n: int = 120, batch_size: int = 20, shuffle: bool = False, dtype=torch.float32, **kw):
+def make_loader(
+    n: int = 120, batch_size: int = 20, shuffle: bool = False, dtype=torch.float32, **kw
+):
     x, y = make_data(n, dtype=dtype, **kw)
     return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=batch_size, shuffle=shuffle)
 

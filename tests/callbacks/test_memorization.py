@@ -34,20 +34,33 @@ def _fit(tmp_path, monitor, epochs=3, loader=None, model=None, **kw):
 
 def test_eval_source_scores_equal_independent_recomputation(tmp_path):
     """Last epoch's CSV == PSMI/loss/margin recomputed from the final model by hand."""
-    mon = MemorizationMonitor(layers=["net.3"], source="eval", n_estimators=300, seed=7,
-                              output_dir=str(tmp_path / "out"), psmi_kwargs={"dtype": torch.float64})
+    mon = MemorizationMonitor(
+        layers=["net.3"],
+        source="eval",
+        n_estimators=300,
+        seed=7,
+        output_dir=str(tmp_path / "out"),
+        psmi_kwargs={"dtype": torch.float64},
+    )
     tr, model = _fit(tmp_path, mon, epochs=3)
     files = sorted(os.listdir(tmp_path / "out"))
-    assert {"config.json", "epoch_0.csv", "epoch_1.csv", "epoch_2.csv", "flagged.csv",
-            "history.json"} <= set(files)
+    assert {
+        "config.json",
+        "epoch_0.csv",
+        "epoch_1.csv",
+        "epoch_2.csv",
+        "flagged.csv",
+        "history.json",
+    } <= set(files)
     csv = read_csv(tmp_path / "out" / "epoch_2.csv")
     x, y = make_data()
     model.eval()
     with torch.no_grad():
         feats = model.net[:4](x)
         logits = model(x).double()
-    mean, std, _ = PSMI(n_estimators=300, seed=mon.direction_seed(2, 0),
-                        dtype=torch.float64).fit_transform(feats, y)
+    mean, std, _ = PSMI(
+        n_estimators=300, seed=mon.direction_seed(2, 0), dtype=torch.float64
+    ).fit_transform(feats, y)
     order = csv["index"].astype(int)
     np.testing.assert_array_equal(order, np.arange(120))
     np.testing.assert_allclose(csv["net.3/psmi_mean"], mean.numpy(), atol=1e-6)
@@ -63,13 +76,19 @@ def test_eval_source_scores_equal_independent_recomputation(tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["layers"] == ["net.3"] and cfg["num_samples"] == 120 and cfg["seed"] == 7
     assert len(mon.history) == 3
-    assert tr.callback_metrics["memo/net.3/psmi_mean"] == pytest.approx(float(mean.mean()), abs=1e-6)
+    assert tr.callback_metrics["memo/net.3/psmi_mean"] == pytest.approx(
+        float(mean.mean()), abs=1e-6
+    )
 
 
 def test_train_source_records_training_forward_features(tmp_path):
     """source='train' scores the features of the training passes (lr=0: weights never move)."""
-    mon = MemorizationMonitor(layers=["net.1", "net.3"], source="train", n_estimators=200,
-                              output_dir=str(tmp_path / "out"))
+    mon = MemorizationMonitor(
+        layers=["net.1", "net.3"],
+        source="train",
+        n_estimators=200,
+        output_dir=str(tmp_path / "out"),
+    )
     _, model = _fit(tmp_path, mon, epochs=1, model=TinyMLP(lr=0.0))
     x, y = make_data()
     with torch.no_grad():
@@ -84,8 +103,9 @@ def test_train_source_records_training_forward_features(tmp_path):
 
 
 def test_every_n_epochs_and_glob(tmp_path):
-    mon = MemorizationMonitor(layers="net.*", every_n_epochs=2, n_estimators=100,
-                              output_dir=str(tmp_path / "out"))
+    mon = MemorizationMonitor(
+        layers="net.*", every_n_epochs=2, n_estimators=100, output_dir=str(tmp_path / "out")
+    )
     _fit(tmp_path, mon, epochs=4)
     assert sorted(mon.scores) == [1, 3]
     assert set(mon.scores[1]) == {f"net.{i}" for i in range(5)}
@@ -95,9 +115,15 @@ def test_every_n_epochs_and_glob(tmp_path):
 
 def test_early_warning_patience_on_flag_and_stop(tmp_path):
     seen = []
-    mon = MemorizationMonitor(layers=["net.3"], n_estimators=100, warn_below=100.0, patience=2,
-                              on_flag=lambda idx: seen.append(idx.copy()), stop_on_flag=True,
-                              output_dir=str(tmp_path / "out"))
+    mon = MemorizationMonitor(
+        layers=["net.3"],
+        n_estimators=100,
+        warn_below=100.0,
+        patience=2,
+        on_flag=lambda idx: seen.append(idx.copy()),
+        stop_on_flag=True,
+        output_dir=str(tmp_path / "out"),
+    )
     with pytest.warns(UserWarning, match="early warning .*120 training samples"):
         tr, _ = _fit(tmp_path, mon, epochs=5)
     assert tr.current_epoch == 2  # stopped after the second evaluation (epoch 1)
@@ -113,8 +139,11 @@ def test_flags_need_consecutive_evaluations(tmp_path):
     mon = MemorizationMonitor(layers=["net.3"], n_estimators=100, patience=3)
     mon.below_count = torch.zeros(4, dtype=torch.long)
     mon.flagged_epoch = torch.full((4,), -1)
-    seq = [np.array([-1.0, -1.0, 1.0, np.nan]), np.array([-1.0, 1.0, -1.0, -1.0]),
-           np.array([-1.0, -1.0, -1.0, -1.0])]
+    seq = [
+        np.array([-1.0, -1.0, 1.0, np.nan]),
+        np.array([-1.0, 1.0, -1.0, -1.0]),
+        np.array([-1.0, -1.0, -1.0, -1.0]),
+    ]
     news = [mon._update_flags(s, e).tolist() for e, s in enumerate(seq)]
     assert news == [[], [], [0]]
     assert mon.below_count.tolist() == [3, 1, 2, 2]
@@ -124,11 +153,14 @@ def test_tensorboard_histogram_image_grid_and_text(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="tb")
-    mon = MemorizationMonitor(layers=["net.3"], n_estimators=100, top_k=4, image_shape=(2, 4),
-                              input_key=0)
+    mon = MemorizationMonitor(
+        layers=["net.3"], n_estimators=100, top_k=4, image_shape=(2, 4), input_key=0
+    )
     _fit(tmp_path, mon, epochs=1, logger=logger)
     assert mon.out_dir.startswith(logger.log_dir)
-    ev = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0})
+    ev = EventAccumulator(
+        logger.log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0}
+    )
     ev.Reload()
     tags = ev.Tags()
     assert "memo/net.3/psmi" in tags["histograms"]
@@ -148,11 +180,14 @@ def test_no_tensorboard_logger_warns_once(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path):
     def run(folder, epochs, ckpt=None, checkpoint=False):
-        mon = MemorizationMonitor(layers=["net.3"], n_estimators=200, warn_below=0.3,
-                                  output_dir=str(folder / "out"))
+        mon = MemorizationMonitor(
+            layers=["net.3"], n_estimators=200, warn_below=0.3, output_dir=str(folder / "out")
+        )
         cbs = [mon]
         if checkpoint:
-            cbs.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=str(folder / "ck"), save_last=True))
+            cbs.append(
+                L.pytorch.callbacks.ModelCheckpoint(dirpath=str(folder / "ck"), save_last=True)
+            )
         L.seed_everything(0, verbose=False)
         tr = trainer(folder, cbs, max_epochs=epochs, enable_checkpointing=checkpoint)
         tr.fit(TinyMLP(), make_loader(), ckpt_path=ckpt)

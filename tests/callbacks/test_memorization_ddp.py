@@ -8,7 +8,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_memo import IndexedDataset, MemorizationMonitor
