@@ -147,6 +147,9 @@ def run_memorization_demo(
         "recall": recall,
         "train_acc_noisy": float((pred == y).mean()),
         "fit_seconds": fit_s,
+        "flipped": flipped,
+        "memorized": memorized,
+        "psmi": {e: monitor.scores[e]["net.3"] for e in sorted(monitor.scores)},
         "log_dir": logger.log_dir,
         "monitor_dir": monitor.out_dir,
     }

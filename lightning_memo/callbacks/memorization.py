@@ -170,6 +170,7 @@ class MemorizationMonitor(Callback):
         self._armed_batch: Optional[tuple] = None
         self._warned: set = set()
         self._checked = False
+        self._device = torch.device("cpu")
 
     # ------------------------------------------------------------------ identity & state
     @property
@@ -222,6 +223,7 @@ class MemorizationMonitor(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.num_samples or self._dataset_size(trainer)
+        self._device = pl_module.device
         self.capture.allocate(n)
         self._labels = torch.full((n,), -1, dtype=torch.long)
         self._loss = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -517,9 +519,10 @@ class MemorizationMonitor(Callback):
             return_full=False,
             **self.psmi_kwargs,
         )
-        m, s, _ = est.fit_transform(feats[sel], labels[sel])
-        mean[sel.numpy()] = m.double().numpy()
-        std[sel.numpy()] = s.double().numpy()
+        dev = self._device  # PSMI runs where the model runs (the buffers stay on the CPU)
+        m, s, _ = est.fit_transform(feats[sel].to(dev), labels[sel].to(dev))
+        mean[sel.numpy()] = m.double().cpu().numpy()
+        std[sel.numpy()] = s.double().cpu().numpy()
         vals = mean[sel.numpy()]
         info.update(
             psmi_mean=float(vals.mean()),
