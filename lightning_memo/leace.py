@@ -1,0 +1,369 @@
+"""LEACE: least-squares concept erasure (math core, torch only).
+
+Reference: N. Belrose, D. Schneider-Joseph, S. Ravfogel, R. Cotterell, E. Raff, S. Biderman,
+"LEACE: Perfect linear concept erasure in closed form", NeurIPS 2023. Same statistics and defaults
+as EleutherAI's ``concept-erasure`` (0.2.4); the code is ours.
+
+Given features x (n, d) and a concept z (n, k), with covariance S_xx and cross-covariance S_xz,
+the eraser is r(x) = x - W^+ P W (x - mu_x) with W = S_xx^{-1/2} (whitening; W = I for
+``method="orth"``) and P the orthogonal projection onto the column space of W S_xz. Afterwards
+Cov(r(x), z) = 0: no linear classifier predicts z better than a constant, and among all such
+affine edits r is the smallest in the S_xx-weighted (whitened) norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+__all__ = ["LeaceFitter", "LeaceEraser", "linear_shrinkage", "concept_matrix"]
+
+
+def linear_shrinkage(s: torch.Tensor, n: int) -> torch.Tensor:
+    """Optimal linear shrinkage of a sample covariance toward ``tr(S)/p * I``.
+
+    Random-matrix estimator (Ledoit-Wolf type, arXiv 1308.2608), distribution-free, for ``p/n`` not
+    small; this is what ``concept-erasure`` applies.
+
+    Args:
+        s: (p, p) sample covariance normalised by ``n``.
+        n: number of samples.
+
+    Returns:
+        (p, p) shrunk covariance ``a * S + b * I``.
+    """
+    p = s.shape[-1]
+    tr = torch.trace(s)
+    mu = tr / p  # Sigma0 = mu I
+    s0_sq = mu * mu * p  # ||Sigma0||_F^2
+    s_sq = s.square().sum()  # ||S||_F^2
+    prod = mu * tr  # tr(S Sigma0)
+    eps = torch.finfo(s.dtype).eps
+    alpha = 1 - (tr * tr * s0_sq / n + eps) / (s_sq * s0_sq - prod * prod + eps)
+    beta = (1 - alpha) * (prod + eps) / (s0_sq + eps)
+    out = alpha * s
+    out.diagonal().add_(beta * mu)
+    return out
+
+
+def concept_matrix(z: torch.Tensor, z_dim: int) -> torch.Tensor:
+    """Concept as a float matrix ``(n, z_dim)``: integer classes ``(n,)`` become one-hot.
+
+    Raises:
+        ValueError: class ids outside ``[0, z_dim)``, or a shape that is not ``(n,)``/``(n, k)``.
+    """
+    if z.ndim == 1 and not z.is_floating_point():
+        if z.numel() and (int(z.min()) < 0 or int(z.max()) >= z_dim):
+            raise ValueError(
+                f"concept class ids must lie in [0, {z_dim}); got range [{int(z.min())}, "
+                f"{int(z.max())}]. Set z_dim to the number of classes."
+            )
+        return torch.nn.functional.one_hot(z.long(), z_dim)
+    z = z.reshape(z.shape[0], -1) if z.ndim != 2 else z
+    if z.shape[1] != z_dim:
+        raise ValueError(
+            f"concept has {z.shape[1]} columns but z_dim={z_dim}; pass (n,) integer classes or "
+            f"(n, {z_dim}) one-hot / continuous values."
+        )
+    return z
+
+
+@dataclass(frozen=True)
+class LeaceEraser:
+    """Frozen eraser r(x) = x - ((x - bias) @ right.T) @ left.T, stored as rank-r factors.
+
+    ``left``, ``right``: (d, r) with r <= 2k (k concept dimensions), so memory is O(d k).
+    ``bias``: (d,) mean of x, or ``None`` (non-affine).
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, z: torch.Tensor, **kwargs) -> LeaceEraser:
+        """Fit on x: (n, d) and z: (n,) classes or (n, k); kwargs go to :class:`LeaceFitter`."""
+        return LeaceFitter.fit(x, z, **kwargs).eraser
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension d."""
+        return self.left.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """Rank of the edit (columns of the factors)."""
+        return self.left.shape[1]
+
+    @property
+    def P(self) -> torch.Tensor:
+        """The (d, d) linear part I - left @ right.T (materialised; for inspection and tests)."""
+        eye = torch.eye(self.dim, dtype=self.left.dtype, device=self.left.device)
+        return eye - self.left @ self.right.T
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Erase the concept from x: (..., d); returns the same shape and dtype."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"The eraser was fitted on {self.dim}-dimensional features but got input of shape "
+                f"{tuple(x.shape)}; erase the layer it was fitted on (last dimension {self.dim})."
+            )
+        right = self.right.to(device=x.device, dtype=x.dtype)
+        left = self.left.to(device=x.device, dtype=x.dtype)
+        delta = x - self.bias.to(device=x.device, dtype=x.dtype) if self.bias is not None else x
+        return x - (delta @ right) @ left.T
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype=None) -> LeaceEraser:
+        """A copy on ``device`` / in ``dtype``."""
+        mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+        return LeaceEraser(mv(self.left), mv(self.right), mv(self.bias))
+
+    def state_dict(self) -> Dict[str, Optional[torch.Tensor]]:
+        """Tensors to save (``left``, ``right``, ``bias``)."""
+        return {"left": self.left, "right": self.right, "bias": self.bias}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, Optional[torch.Tensor]]) -> LeaceEraser:
+        """Rebuild from :meth:`state_dict`."""
+        return cls(state["left"], state["right"], state.get("bias"))
+
+
+class LeaceFitter:
+    """Streaming statistics for LEACE; ``.eraser`` is computed lazily from them.
+
+    Statistics: count n, means of x and z, co-moments C_xx = sum (x - mu_x)(x - mu_x)^T (LEACE
+    only, O(d^2)) and C_xz (O(d k)), accumulated in float64 with Chan's pairwise merge, so batch
+    updates and the merge of DDP ranks are exact up to rounding.
+
+    Args:
+        x_dim: feature dimension d.
+        z_dim: concept dimension k (number of classes for integer concepts).
+        method: ``"leace"`` (whitened, minimal edit) or ``"orth"`` (orthogonal projection, no
+            covariance needed).
+        shrinkage: shrink S_xx toward a scaled identity (helps when n is not >> d); else Bessel.
+        affine: keep the mean of x unchanged (erase around mu_x).
+        constrain_cov_trace: if the edit would raise tr Cov(x), mix it with the orthogonal
+            projection so the trace does not grow (stable when re-injected into a network).
+        svd_tol: singular values of W S_xz at or below it are dropped.
+        dtype: dtype of the eraser (statistics are float64).
+        device: device of statistics and eraser.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        method: str = "leace",
+        *,
+        shrinkage: bool = True,
+        affine: bool = True,
+        constrain_cov_trace: bool = True,
+        svd_tol: float = 0.01,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device, None] = None,
+    ) -> None:
+        if method not in ("leace", "orth"):
+            raise ValueError(f"method={method!r}: use 'leace' or 'orth'.")
+        if x_dim < 1 or z_dim < 1:
+            raise ValueError(f"x_dim={x_dim}, z_dim={z_dim}: both must be >= 1.")
+        if svd_tol <= 0:
+            raise ValueError(f"svd_tol={svd_tol!r} must be positive for numerical stability.")
+        self.x_dim, self.z_dim, self.method = int(x_dim), int(z_dim), method
+        self.shrinkage, self.affine = shrinkage, affine
+        self.constrain_cov_trace, self.svd_tol = constrain_cov_trace, float(svd_tol)
+        self.dtype = dtype
+        f64 = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.mean_x = torch.zeros(x_dim, **f64)
+        self.mean_z = torch.zeros(z_dim, **f64)
+        self.c_xz = torch.zeros(x_dim, z_dim, **f64)
+        self.c_xx = torch.zeros(x_dim, x_dim, **f64) if method == "leace" else None
+        self._eraser: Optional[LeaceEraser] = None
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, z: torch.Tensor, **kwargs) -> LeaceFitter:
+        """One-shot fit on x: (n, d) and z: (n,) classes or (n, k) (``z_dim`` inferred)."""
+        z_dim = kwargs.pop("z_dim", None)
+        if z_dim is None:
+            z_dim = (
+                int(z.max()) + 1
+                if z.ndim == 1 and not z.is_floating_point()
+                else (z.reshape(z.shape[0], -1).shape[1])
+            )
+        kwargs.setdefault("dtype", x.dtype if x.is_floating_point() else torch.float32)
+        kwargs.setdefault("device", x.device)
+        return cls(x.shape[-1], z_dim, **kwargs).update(x, z)
+
+    # ------------------------------------------------------------------ statistics
+    def _check(self, x: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] != self.x_dim:
+            raise ValueError(
+                f"x has {x.shape[-1]} features but the fitter was built with x_dim={self.x_dim}."
+            )
+        x = x.reshape(-1, self.x_dim)
+        if z.shape[0] != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but z has {z.shape[0]}; one z per row.")
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x).all(dim=1)).sum())
+            raise ValueError(
+                f"{bad} of {x.shape[0]} rows of x contain NaN or inf; drop them before update()."
+            )
+        dev = self.mean_x.device
+        return x.to(dev, torch.float64), concept_matrix(z.to(dev), self.z_dim).to(torch.float64)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, z: torch.Tensor) -> LeaceFitter:
+        """Add a batch: x (n, d) (or (..., d), z matching its leading size), z (n,) or (n, k)."""
+        x, z = self._check(x, z)
+        n = x.shape[0]
+        if n == 0:
+            return self
+        mx, mz = x.mean(dim=0), z.mean(dim=0)
+        dx, dz = x - mx, z - mz
+        c_xx = dx.T @ dx if self.c_xx is not None else None
+        self._merge(n, mx, mz, c_xx, dx.T @ dz)
+        return self
+
+    def _merge(
+        self,
+        n: int,
+        mx: torch.Tensor,
+        mz: torch.Tensor,
+        c_xx: Optional[torch.Tensor],
+        c_xz: torch.Tensor,
+    ) -> None:
+        """Chan's merge of (n, means, co-moments) into the running statistics."""
+        total = self.n + n
+        ex, ez = mx - self.mean_x, mz - self.mean_z
+        w = self.n * n / total
+        if self.c_xx is not None:
+            self.c_xx += c_xx + w * torch.outer(ex, ex)
+        self.c_xz += c_xz + w * torch.outer(ex, ez)
+        self.mean_x += ex * (n / total)
+        self.mean_z += ez * (n / total)
+        self.n = total
+        self._eraser = None
+
+    def merge(self, other: LeaceFitter) -> LeaceFitter:
+        """Fold another fitter's statistics into this one (e.g. another DDP rank's)."""
+        if (other.x_dim, other.z_dim, other.method) != (self.x_dim, self.z_dim, self.method):
+            raise ValueError("merge needs fitters with the same x_dim, z_dim and method.")
+        if other.n:
+            self._merge(other.n, other.mean_x, other.mean_z, other.c_xx, other.c_xz)
+        return self
+
+    def stats(self) -> Dict[str, torch.Tensor]:
+        """The statistics as tensors (for checkpoints and collectives)."""
+        out = {
+            "n": torch.tensor(float(self.n), dtype=torch.float64, device=self.mean_x.device),
+            "mean_x": self.mean_x,
+            "mean_z": self.mean_z,
+            "c_xz": self.c_xz,
+        }
+        if self.c_xx is not None:
+            out["c_xx"] = self.c_xx
+        return out
+
+    def load_stats(self, stats: Dict[str, torch.Tensor]) -> LeaceFitter:
+        """Replace the statistics by :meth:`stats` output."""
+        dev = self.mean_x.device
+        self.n = int(round(float(stats["n"])))
+        self.mean_x = stats["mean_x"].to(dev, torch.float64).clone()
+        self.mean_z = stats["mean_z"].to(dev, torch.float64).clone()
+        self.c_xz = stats["c_xz"].to(dev, torch.float64).clone()
+        if self.c_xx is not None:
+            self.c_xx = stats["c_xx"].to(dev, torch.float64).clone()
+        self._eraser = None
+        return self
+
+    @property
+    def sigma_xx(self) -> torch.Tensor:
+        """Covariance of x (d, d): shrunk, or with Bessel's correction."""
+        self._need_samples()
+        if self.c_xx is None:
+            raise RuntimeError("method='orth' does not track the covariance of x.")
+        s = (self.c_xx + self.c_xx.T) / 2
+        return linear_shrinkage(s / self.n, self.n) if self.shrinkage else s / (self.n - 1)
+
+    @property
+    def sigma_xz(self) -> torch.Tensor:
+        """Cross-covariance of x and z (d, k), with Bessel's correction."""
+        self._need_samples()
+        return self.c_xz / (self.n - 1)
+
+    def _need_samples(self) -> None:
+        if self.n < 2:
+            raise ValueError(
+                f"LEACE needs at least 2 samples; the fitter has seen {self.n}. Fit on more data."
+            )
+
+    # ------------------------------------------------------------------ eraser
+    @property
+    def eraser(self) -> LeaceEraser:
+        """The eraser for the statistics seen so far (cached until the next update)."""
+        if self._eraser is None:
+            self._eraser = self._solve()
+        return self._eraser
+
+    @torch.no_grad()
+    def _solve(self) -> LeaceEraser:
+        d = self.x_dim
+        if self.method == "leace":
+            sigma = self.sigma_xx
+            evals, evecs = torch.linalg.eigh(sigma)
+            keep = evals > evals[-1] * d * torch.finfo(evals.dtype).eps
+            evals = evals.clamp_min(0)
+            inv_sqrt = torch.where(keep, evals.rsqrt(), torch.zeros_like(evals))
+            sqrt = torch.where(keep, evals.sqrt(), torch.zeros_like(evals))
+            # W = V diag(inv_sqrt) V^T and W^+ = V diag(sqrt) V^T, applied without forming them
+            w_sxz = evecs @ (inv_sqrt[:, None] * (evecs.T @ self.sigma_xz))
+        else:
+            w_sxz = self.sigma_xz
+        u, s, _ = torch.linalg.svd(w_sxz, full_matrices=False)
+        u = u[:, s > self.svd_tol]  # (d, r): orthonormal basis of the column space of W S_xz
+        if self.method == "leace":
+            left = evecs @ (sqrt[:, None] * (evecs.T @ u))  # W^+ u
+            right = evecs @ (inv_sqrt[:, None] * (evecs.T @ u))  # W u  (W symmetric)
+            if self.constrain_cov_trace:
+                left, right = self._constrain_trace(sigma, u, left, right)
+        else:
+            left, right = u, u
+        bias = self.mean_x if self.affine else None
+        mk = lambda t: None if t is None else t.to(self.dtype).contiguous()  # noqa: E731
+        return LeaceEraser(mk(left), mk(right), mk(bias))
+
+    def _constrain_trace(
+        self, sigma: torch.Tensor, u: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """If P = I - left right^T raises tr(P S P^T), mix with Q = I - u u^T so it does not.
+
+        P_a = a P + (1 - a) Q = I - [a left, (1 - a) u] [right, u]^T keeps the rank-2r form.
+        """
+        old = torch.trace(sigma)
+        new = _tr_pspt(sigma, left, right, left, right)
+        if new <= old:
+            return left, right
+        x = new
+        y = 2 * _tr_pspt(sigma, left, right, u, u)
+        z = _tr_pspt(sigma, u, u, u, u)
+        w = old
+        disc = torch.sqrt((4 * w * x - 4 * w * y + 4 * w * z - 4 * x * z + y * y).clamp_min(0))
+        a1 = (-y / 2 + z - disc / 2) / (x - y + z)
+        a2 = (-y / 2 + z + disc / 2) / (x - y + z)
+        a = torch.where(a1 > 0, a1, a2).clamp(0, 1)
+        return torch.cat([a * left, (1 - a) * u], dim=1), torch.cat([right, u], dim=1)
+
+
+def _tr_pspt(
+    sigma: torch.Tensor, al: torch.Tensor, ar: torch.Tensor, bl: torch.Tensor, br: torch.Tensor
+) -> torch.Tensor:
+    """tr((I - al ar^T) S (I - bl br^T)^T) without forming d x d products beyond S itself."""
+    # = tr S - tr(al ar^T S) - tr(S br bl^T) + tr(al ar^T S br bl^T)
+    s_ar = sigma @ ar  # (d, r) ; ar^T S = s_ar^T since S symmetric
+    s_br = sigma @ br
+    t1 = (al * s_ar).sum()  # tr(al ar^T S) = sum(al * (S ar))
+    t2 = (bl * s_br).sum()
+    t3 = torch.trace((bl.T @ al) @ (ar.T @ s_br))
+    return torch.trace(sigma) - t1 - t2 + t3
