@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import IterableDataset
 
 from ..capture import FeatureCapture, LayerSpec, Pooling, check_pooling
 from ..data import Accessor, get_indices, get_labels, make_accessor
@@ -28,20 +28,11 @@ from ..logging import (
     tensorboard_writer,
 )
 from ..psmi import PSMI
+from .common import default_forward, sequential_loader
 
 __all__ = ["MemorizationMonitor"]
 
 SOURCES = ("train", "eval")
-
-
-def default_forward(module: LightningModule, batch: Any, skip_keys: Sequence[str] = ()) -> Any:
-    """Forward pass used by ``source="eval"``: ``module(batch[0])`` for tuple batches,
-    ``module(**inputs)`` for dict batches (without the index and label keys)."""
-    if isinstance(batch, dict):
-        return module(**{k: v for k, v in batch.items() if k not in skip_keys})
-    if isinstance(batch, (tuple, list)):
-        return module(batch[0])
-    return module(batch)
 
 
 class MemorizationMonitor(Callback):
@@ -346,29 +337,6 @@ class MemorizationMonitor(Callback):
             self._loss[cpu_idx] = loss.cpu()
             self._margin[cpu_idx] = (own - other).cpu()
 
-    def _eval_loader(self, trainer: Trainer) -> Any:
-        """A sequential loader over this rank's share of the training set (no RNG consumed, so
-        the training run is the same with and without the monitor); the training loader itself
-        when it has a custom batch sampler."""
-        dl = trainer.train_dataloader
-        ds = getattr(dl, "dataset", None)
-        if ds is None or getattr(dl, "batch_size", None) is None:
-            return dl
-        sampler = None
-        if world_size(trainer.strategy) > 1:
-            sampler = DistributedSampler(
-                ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-            )
-        return DataLoader(
-            ds,
-            batch_size=dl.batch_size,
-            sampler=sampler,
-            shuffle=False,
-            collate_fn=dl.collate_fn,
-            num_workers=dl.num_workers,
-            pin_memory=dl.pin_memory,
-        )
-
     def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """No-grad pass over the training set in eval mode, recording features and baselines."""
         from tqdm.auto import tqdm
@@ -380,7 +348,7 @@ class MemorizationMonitor(Callback):
         self.capture.attach()
         try:
             show = self.progress and trainer.is_global_zero
-            loader = self._eval_loader(trainer)
+            loader = sequential_loader(trainer)
             bar = tqdm(loader, desc="MemorizationMonitor: eval pass", leave=False, disable=not show)
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 for batch in bar:

@@ -1,0 +1,49 @@
+"""Pieces shared by the callbacks: the default forward pass and a sequential loader."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..distributed import world_size
+
+__all__ = ["default_forward", "sequential_loader"]
+
+
+def default_forward(module: LightningModule, batch: Any, skip_keys: Sequence[str] = ()) -> Any:
+    """Forward pass of an extra no-grad pass: ``module(batch[0])`` for tuple batches,
+    ``module(**inputs)`` for dict batches (without ``skip_keys``, e.g. index and label)."""
+    if isinstance(batch, dict):
+        return module(**{k: v for k, v in batch.items() if k not in skip_keys})
+    if isinstance(batch, (tuple, list)):
+        return module(batch[0])
+    return module(batch)
+
+
+def sequential_loader(trainer: Trainer, loader: Optional[Any] = None) -> Any:
+    """A sequential loader over this rank's share of ``loader`` (default: the training loader).
+
+    Consumes no RNG, so a run is the same with and without the callback; under DDP each rank
+    takes a ``DistributedSampler(shuffle=False)`` share. A loader with a custom batch sampler is
+    returned as is.
+    """
+    dl = trainer.train_dataloader if loader is None else loader
+    ds = getattr(dl, "dataset", None)
+    if ds is None or getattr(dl, "batch_size", None) is None:
+        return dl
+    sampler = None
+    if world_size(trainer.strategy) > 1:
+        sampler = DistributedSampler(
+            ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+    return DataLoader(
+        ds,
+        batch_size=dl.batch_size,
+        sampler=sampler,
+        shuffle=False,
+        collate_fn=dl.collate_fn,
+        num_workers=dl.num_workers,
+        pin_memory=dl.pin_memory,
+    )
