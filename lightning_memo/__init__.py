@@ -1,6 +1,6 @@
 """lightning_memo: memorization monitoring and data attribution for PyTorch Lightning."""
 
-from .callbacks import MemorizationMonitor
+from .callbacks import ConceptErasure, MemorizationMonitor
 from .capture import FeatureCapture, pool, resolve_layers
 from .data import IndexedDataset, get_indices, get_labels, load_digits_flipped, make_accessor
 from .exceptions import (
@@ -10,12 +10,19 @@ from .exceptions import (
     NotFittedError,
     SampleIndexError,
 )
+from .leace import LeaceEraser, LeaceFitter
+from .probe import probe_accuracy, probe_r2
 from .psmi import PSMI, sample_directions
 
 __all__ = [
     "PSMI",
     "sample_directions",
     "MemorizationMonitor",
+    "ConceptErasure",
+    "LeaceFitter",
+    "LeaceEraser",
+    "probe_accuracy",
+    "probe_r2",
     "FeatureCapture",
     "pool",
     "resolve_layers",

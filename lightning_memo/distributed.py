@@ -6,11 +6,11 @@ rank-major, so the sample index always travels beside the values.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-__all__ = ["gather_rows", "world_size"]
+__all__ = ["gather_rows", "gather_stats", "world_size"]
 
 
 def world_size(strategy: Any) -> int:
@@ -47,3 +47,17 @@ def gather_rows(
     idx = torch.cat([all_idx[r, :s] for r, s in enumerate(sizes)])
     val = torch.cat([all_val[r, :s] for r, s in enumerate(sizes)])
     return idx.to(home), val.to(home)
+
+
+def gather_stats(strategy: Any, stats: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+    """Every rank's ``stats`` (same keys and shapes on all ranks), in rank order, on every rank.
+
+    Used to merge streaming statistics exactly (e.g. LEACE co-moments): callers fold the list in
+    order, so all ranks compute the same result.
+    """
+    n = world_size(strategy)
+    if n == 1:
+        return [stats]
+    dev = strategy.root_device
+    gathered = {k: strategy.all_gather(v.to(dev)).reshape(n, *v.shape) for k, v in stats.items()}
+    return [{k: g[r].to(stats[k].device) for k, g in gathered.items()} for r in range(n)]

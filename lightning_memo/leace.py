@@ -139,13 +139,18 @@ class LeaceFitter:
 
     Args:
         x_dim: feature dimension d.
-        z_dim: concept dimension k (number of classes for integer concepts).
+        z_dim: concept dimension k (number of classes for integer concepts); ``None`` for integer
+            classes whose count is not known in advance: one-hot columns are added as new classes
+            appear, which is exact (earlier samples had 0 in the new column).
         method: ``"leace"`` (whitened, minimal edit) or ``"orth"`` (orthogonal projection, no
             covariance needed).
         shrinkage: shrink S_xx toward a scaled identity (helps when n is not >> d); else Bessel.
         affine: keep the mean of x unchanged (erase around mu_x).
         constrain_cov_trace: if the edit would raise tr Cov(x), mix it with the orthogonal
-            projection so the trace does not grow (stable when re-injected into a network).
+            projection so the trace does not grow (stable when re-injected into a network). When
+            it acts, ``trace_mix`` holds the weight of LEACE in the mix and Cov(r(x), z) = 0 then
+            holds only approximately (as in ``concept-erasure``); pass ``False`` for the exact
+            guarantee.
         svd_tol: singular values of W S_xz at or below it are dropped.
         dtype: dtype of the eraser (statistics are float64).
         device: device of statistics and eraser.
@@ -154,7 +159,7 @@ class LeaceFitter:
     def __init__(
         self,
         x_dim: int,
-        z_dim: int,
+        z_dim: Optional[int],
         method: str = "leace",
         *,
         shrinkage: bool = True,
@@ -166,6 +171,8 @@ class LeaceFitter:
     ) -> None:
         if method not in ("leace", "orth"):
             raise ValueError(f"method={method!r}: use 'leace' or 'orth'.")
+        self.grow = z_dim is None  # integer classes, one-hot columns added as classes appear
+        z_dim = 1 if z_dim is None else z_dim
         if x_dim < 1 or z_dim < 1:
             raise ValueError(f"x_dim={x_dim}, z_dim={z_dim}: both must be >= 1.")
         if svd_tol <= 0:
@@ -181,11 +188,17 @@ class LeaceFitter:
         self.c_xz = torch.zeros(x_dim, z_dim, **f64)
         self.c_xx = torch.zeros(x_dim, x_dim, **f64) if method == "leace" else None
         self._eraser: Optional[LeaceEraser] = None
+        self.trace_mix: Optional[float] = None  # weight of LEACE when the trace constraint acted
 
     @classmethod
     def fit(cls, x: torch.Tensor, z: torch.Tensor, **kwargs) -> LeaceFitter:
         """One-shot fit on x: (n, d) and z: (n,) classes or (n, k) (``z_dim`` inferred)."""
         z_dim = kwargs.pop("z_dim", None)
+        if z_dim is None and z.ndim == 1 and z.is_floating_point():
+            raise ValueError(
+                "The concept is a float vector (n,): pass z_dim=1 for a continuous concept, or "
+                "integer class ids (z.long()) for classes."
+            )
         if z_dim is None:
             z_dim = (
                 int(z.max()) + 1
@@ -211,7 +224,23 @@ class LeaceFitter:
                 f"{bad} of {x.shape[0]} rows of x contain NaN or inf; drop them before update()."
             )
         dev = self.mean_x.device
+        if z.ndim == 1 and z.is_floating_point() and self.grow:
+            raise ValueError(
+                "The concept is a float vector (n,): pass z_dim=1 for a continuous concept, or "
+                "integer class ids (z.long()) for classes."
+            )
+        if self.grow and z.ndim == 1 and z.numel():
+            self.grow_to(int(z.max()) + 1)
         return x.to(dev, torch.float64), concept_matrix(z.to(dev), self.z_dim).to(torch.float64)
+
+    def grow_to(self, z_dim: int) -> None:
+        """Widen the one-hot concept to ``z_dim`` classes (exact: new columns were all 0)."""
+        extra = z_dim - self.z_dim
+        if extra <= 0:
+            return
+        self.mean_z = torch.cat([self.mean_z, self.mean_z.new_zeros(extra)])
+        self.c_xz = torch.cat([self.c_xz, self.c_xz.new_zeros(self.x_dim, extra)], dim=1)
+        self.z_dim = z_dim
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, z: torch.Tensor) -> LeaceFitter:
@@ -248,6 +277,10 @@ class LeaceFitter:
 
     def merge(self, other: LeaceFitter) -> LeaceFitter:
         """Fold another fitter's statistics into this one (e.g. another DDP rank's)."""
+        if self.grow and other.grow:
+            k = max(self.z_dim, other.z_dim)
+            self.grow_to(k)
+            other.grow_to(k)
         if (other.x_dim, other.z_dim, other.method) != (self.x_dim, self.z_dim, self.method):
             raise ValueError("merge needs fitters with the same x_dim, z_dim and method.")
         if other.n:
@@ -294,9 +327,11 @@ class LeaceFitter:
         return self.c_xz / (self.n - 1)
 
     def _need_samples(self) -> None:
-        if self.n < 2:
+        if self.n < max(2, self.z_dim):
             raise ValueError(
-                f"LEACE needs at least 2 samples; the fitter has seen {self.n}. Fit on more data."
+                f"LEACE needs at least max(2, z_dim={self.z_dim}) samples to estimate the "
+                f"cross-covariance; the fitter has seen {self.n}. Fit on more data (or fewer "
+                "concept classes)."
             )
 
     # ------------------------------------------------------------------ eraser
@@ -310,6 +345,7 @@ class LeaceFitter:
     @torch.no_grad()
     def _solve(self) -> LeaceEraser:
         d = self.x_dim
+        self.trace_mix = None
         if self.method == "leace":
             sigma = self.sigma_xx
             evals, evecs = torch.linalg.eigh(sigma)
@@ -353,6 +389,7 @@ class LeaceFitter:
         a1 = (-y / 2 + z - disc / 2) / (x - y + z)
         a2 = (-y / 2 + z + disc / 2) / (x - y + z)
         a = torch.where(a1 > 0, a1, a2).clamp(0, 1)
+        self.trace_mix = float(a)
         return torch.cat([a * left, (1 - a) * u], dim=1), torch.cat([right, u], dim=1)
 
 

@@ -1,0 +1,532 @@
+"""ConceptErasure: fit LEACE erasers on chosen layers and install them as forward hooks.
+
+Owns *when* erasers are fitted and installed, what is logged and what the checkpoint keeps; the
+formulas live in :mod:`lightning_memo.leace`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from ..capture import POOLINGS, LayerSpec, pool, resolve_layers
+from ..data import Accessor, make_accessor
+from ..distributed import gather_stats, world_size
+from ..leace import LeaceEraser, LeaceFitter
+from ..logging import atomic_write_json, resolve_output_dir
+from ..probe import probe_accuracy, probe_r2
+from .common import default_forward, sequential_loader
+
+__all__ = ["ConceptErasure"]
+
+WHEN = ("fit_start", "every_epoch", "fit_end")
+FIT_POOLINGS = ("all",) + POOLINGS
+
+
+class ConceptErasure(Callback):
+    """LEACE concept erasure on chosen layers (Belrose et al., NeurIPS 2023).
+
+    Fits the closed-form eraser r(x) = x - W^+ P W (x - mu) on each layer's activations and
+    installs it as a forward hook that replaces the layer output by its erased version during
+    training, validation, test and predict, so no linear classifier recovers the concept from it.
+
+    Args:
+        layers: layer names (globs allowed) or modules.
+        concept: how to read the concept from a batch (dict key, tuple position or callable);
+            default: the label. Integer ``(B,)`` = classes; float ``(B, k)`` = one-hot or
+            continuous (``z_dim=k``); a float ``(B,)`` needs ``z_dim=1``.
+        z_dim: concept dimension; ``None``: inferred (classes grow as they appear; float ``(B, k)``
+            gives k).
+        fit_on: ``"train"`` (the Trainer's training set, sequential) or a DataLoader.
+        when: ``"fit_start"`` (fit once on the initial model, erase for the whole run),
+            ``"every_epoch"`` (concept scrubbing: refit on each epoch's training activations,
+            apply from the next epoch) or ``"fit_end"`` (fit at the end, installed for inference).
+        pooling: which positions of a ``(B, T, d)`` output are used to fit: ``"all"`` (every real
+            token, mask-aware), or ``"mean"``, ``"last"``, ``"first"``, a callable (one row per
+            sample). Erasure is applied to every position. ``(B, C, H, W)`` maps are erased over
+            channels at every pixel.
+        method: ``"leace"`` or ``"orth"``.
+        shrinkage, constrain_cov_trace, svd_tol: see :class:`~lightning_memo.LeaceFitter`.
+        output_index: element of a tuple output to erase (e.g. 0 for HF blocks).
+        sequential: fit layers one after another, each with the layers before it already erased
+            (one pass per layer), so every layer's guarantee holds in the erased network.
+        max_batches: limit the batches of each fitting pass.
+        mask_key: dict key of the attention mask.
+        forward_fn: ``(module, batch) -> output`` of the fitting passes.
+        probe: log linear-probe accuracy for the concept before/after erasure at each fit.
+        probe_samples: rows kept per layer for the probe.
+        output_dir: folder of ``erasers.pt`` and ``config.json``.
+        progress: progress bars on fitting passes.
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec,
+        concept: Accessor = None,
+        z_dim: Optional[int] = None,
+        fit_on: Union[str, Any] = "train",
+        when: str = "fit_start",
+        pooling: Union[str, Callable] = "all",
+        method: str = "leace",
+        shrinkage: bool = True,
+        constrain_cov_trace: bool = True,
+        svd_tol: float = 0.01,
+        output_index: Optional[int] = None,
+        sequential: bool = True,
+        max_batches: Optional[int] = None,
+        mask_key: Optional[str] = "attention_mask",
+        forward_fn: Optional[Callable[[LightningModule, Any], Any]] = None,
+        probe: bool = True,
+        probe_samples: int = 4096,
+        output_dir: Optional[str] = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if when not in WHEN:
+            raise ValueError(f"when={when!r}: use one of {', '.join(WHEN)}.")
+        if not (callable(pooling) or pooling in FIT_POOLINGS):
+            raise ValueError(
+                f"pooling={pooling!r} is not supported; use one of {', '.join(FIT_POOLINGS)} or "
+                "a callable."
+            )
+        if method not in ("leace", "orth"):
+            raise ValueError(f"method={method!r}: use 'leace' or 'orth'.")
+        if not (isinstance(fit_on, str) and fit_on == "train") and not hasattr(fit_on, "__iter__"):
+            raise ValueError(f"fit_on={fit_on!r}: use 'train' or a DataLoader.")
+        if z_dim is not None and z_dim < 1:
+            raise ValueError(f"z_dim={z_dim!r}: use a positive integer or None.")
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches={max_batches!r}: use a positive integer or None.")
+        if isinstance(layers, (list, tuple)) and not layers:
+            raise ValueError("layers=[] is empty: name at least one layer to erase.")
+        self.layers, self.z_dim, self.fit_on, self.when = layers, z_dim, fit_on, when
+        self.pooling, self.method, self.shrinkage = pooling, method, shrinkage
+        self.constrain_cov_trace, self.svd_tol = constrain_cov_trace, svd_tol
+        self.output_index, self.sequential, self.max_batches = output_index, sequential, max_batches
+        self.mask_key, self.forward_fn = mask_key, forward_fn
+        self.concept = concept
+        self._get_concept = make_accessor(concept, "label")
+        self.probe, self.probe_samples = probe, int(probe_samples)
+        self.output_dir, self.progress = output_dir, progress
+        # state
+        self.erasers: Dict[str, LeaceEraser] = {}
+        self.fitted_epoch: Optional[int] = None
+        self.history: List[Dict[str, Any]] = []
+        # run-time
+        self.modules: Dict[str, nn.Module] = {}
+        self.out_dir: Optional[str] = None
+        self._handles: List[Any] = []
+        self._collect: Dict[str, LeaceFitter] = {}
+        self._probe_rows: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._z: Optional[torch.Tensor] = None
+        self._mask: Optional[torch.Tensor] = None
+        self.metrics: Dict[str, float] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=str(self.layers), when=self.when)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "version": 1,
+            "erasers": {k: e.state_dict() for k, e in self.erasers.items()},
+            "fitted_epoch": self.fitted_epoch,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.erasers = {
+            k: LeaceEraser.from_state_dict(v) for k, v in state_dict.get("erasers", {}).items()
+        }
+        self.fitted_epoch = state_dict.get("fitted_epoch")
+        self.history = list(state_dict.get("history", []))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **kwargs: Any) -> ConceptErasure:
+        """A callback built with ``kwargs`` whose erasers come from a Lightning checkpoint.
+
+        Use with ``Model.load_from_checkpoint(path)``: ``cb.install(model)`` erases its outputs
+        outside a Trainer, or pass ``cb`` to ``Trainer(callbacks=[cb])`` for test / predict.
+        """
+        cb = cls(**kwargs)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        states = ckpt.get("callbacks", {})
+        if cb.state_key not in states:
+            found = [k for k in states if k.startswith("ConceptErasure")]
+            raise KeyError(
+                f"The checkpoint has no state for {cb.state_key}; ConceptErasure states found: "
+                f"{found}. Build the callback with the same layers= and when= as in training."
+            )
+        cb.load_state_dict(states[cb.state_key])
+        return cb
+
+    # ------------------------------------------------------------------ hooks on the model
+    def install(self, model: nn.Module) -> ConceptErasure:
+        """Register the erasure hooks on ``model`` (idempotent); erasers apply once fitted."""
+        if not self.modules:
+            self.modules = resolve_layers(model, self.layers)
+        if not self._handles:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook: the layers return their original outputs again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            out = self._select(name, output)
+            feats, back = _channels_last(out)
+            if name in self._collect and self._z is not None:
+                with torch.no_grad():
+                    rows, z = self._fit_rows(name, feats.detach(), self._z, self._mask)
+                    fitter = self._collect[name]
+                    if fitter is None:
+                        fitter = self._collect[name] = self._new_fitter(rows.shape[1])
+                    fitter.update(rows, z)
+                    self._keep_probe_rows(name, rows, z)
+            eraser = self.erasers.get(name)
+            if eraser is None:
+                return None
+            if eraser.dim != feats.shape[-1]:
+                raise ValueError(
+                    f"The eraser of layer {name!r} was fitted on {eraser.dim} features but the "
+                    f"layer now outputs {feats.shape[-1]} (shape {tuple(out.shape)}); refit it or "
+                    "load erasers fitted on this model."
+                )
+            erased = back(eraser(feats))
+            return _replace(output, erased, self.output_index)
+
+        return hook
+
+    def _select(self, name: str, output: Any) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return output
+        if isinstance(output, (tuple, list)):
+            if self.output_index is None:
+                raise ValueError(
+                    f"Layer {name!r} returns a {type(output).__name__} of {len(output)} elements; "
+                    "pass output_index= to choose the tensor to erase (e.g. 0 for the hidden "
+                    "states of a transformer block)."
+                )
+            return output[self.output_index]
+        raise TypeError(
+            f"Layer {name!r} returns {type(output).__name__}; ConceptErasure erases tensors (or "
+            "one element of a tuple with output_index=)."
+        )
+
+    def _fit_rows(
+        self, name: str, feats: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``(r, d)`` and their concept ``(r,)``/``(r, k)`` used to fit this layer."""
+        b = feats.shape[0]
+        if z.shape[0] != b:
+            raise ValueError(
+                f"The concept has {z.shape[0]} rows but layer {name!r} saw a batch of {b}; "
+                "concept= must give one value per sample."
+            )
+        if feats.ndim == 2:
+            rows, zr = feats, z
+        elif self.pooling == "all":
+            seq = feats.reshape(b, -1, feats.shape[-1])
+            keep = torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
+            if mask is not None and mask.shape == keep.shape:
+                keep = mask.to(seq.device) != 0
+            rows = seq[keep]
+            zr = z.to(seq.device).repeat_interleave(keep.sum(dim=1), dim=0)
+        else:
+            rows, zr = pool(feats, self.pooling, mask), z
+        if not torch.isfinite(rows).all():
+            bad = int((~torch.isfinite(rows).all(dim=1)).sum())
+            raise ValueError(
+                f"Layer {name!r} produced {bad} NaN/inf activation rows while fitting the eraser; "
+                "fix the model's numerics (or erase another layer) before fitting."
+            )
+        return rows, zr
+
+    def _keep_probe_rows(self, name: str, rows: torch.Tensor, z: torch.Tensor) -> None:
+        if not self.probe:
+            return
+        kept = self._probe_rows.setdefault(name, [])
+        have = sum(r.shape[0] for r, _ in kept)
+        if have < self.probe_samples:
+            take = self.probe_samples - have
+            kept.append((rows[:take].float().cpu(), z[:take].cpu()))
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.modules = resolve_layers(pl_module, self.layers)
+        self.out_dir = resolve_output_dir(trainer, self.output_dir, "erasure")
+
+    def _ensure_installed(self, pl_module: LightningModule) -> None:
+        self.install(pl_module)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_installed(pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_installed(pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_installed(pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_installed(pl_module)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.when == "fit_start" and not self.erasers:
+            self._fit_pass(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.when == "fit_end":
+            self._fit_pass(trainer, pl_module)
+
+    # every_epoch: statistics from the training forward passes
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.when == "every_epoch":
+            self._collect = dict.fromkeys(self.modules)
+            self._probe_rows = {}
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.when == "every_epoch":
+            self._z, self._mask = self._read_concept(batch), self._batch_mask(batch)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._z = self._mask = None
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.when == "every_epoch":
+            fitters, self._collect = self._collect, {}
+            self._finish(trainer, pl_module, fitters)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exc: BaseException
+    ) -> None:
+        self.remove()
+        self._collect, self._z = {}, None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ fitting
+    def _new_fitter(self, x_dim: int) -> LeaceFitter:
+        return LeaceFitter(
+            x_dim,
+            self.z_dim,
+            self.method,
+            shrinkage=self.shrinkage,
+            constrain_cov_trace=self.constrain_cov_trace,
+            svd_tol=self.svd_tol,
+        )
+
+    def _read_concept(self, batch: Any) -> torch.Tensor:
+        try:
+            z = torch.as_tensor(self._get_concept(batch))
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(
+                f"ConceptErasure found no concept in the batch (looked for {err}); pass "
+                "concept= (a dict key, a tuple position or a callable batch -> concept)."
+            ) from None
+        if z.ndim == 1 and z.is_floating_point() and self.z_dim is None:
+            raise ValueError(
+                "The concept is a float vector (B,): pass z_dim=1 for a continuous concept, or "
+                "give integer class ids (.long()) for classes."
+            )
+        if z.dtype == torch.bool:
+            z = z.long()
+        return z
+
+    def _batch_mask(self, batch: Any) -> Optional[torch.Tensor]:
+        if isinstance(batch, dict) and self.mask_key and self.mask_key in batch:
+            return batch[self.mask_key]
+        return None
+
+    def _fit_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """No-grad passes over ``fit_on`` in eval mode: one per layer when ``sequential``."""
+        from tqdm.auto import tqdm
+
+        loader = sequential_loader(trainer, None if isinstance(self.fit_on, str) else self.fit_on)
+        names = list(self.modules)
+        groups = [[n] for n in names] if self.sequential else [names]
+        skip = ["index", "label", "labels", "y"] + (
+            [self.concept] if isinstance(self.concept, str) else []
+        )
+        forward = self.forward_fn or (lambda m, b: default_forward(m, b, skip))
+        was_training = pl_module.training
+        pl_module.eval()
+        self.install(pl_module)
+        try:
+            for group in groups:
+                self._collect = dict.fromkeys(group)
+                self._probe_rows = {}
+                show = self.progress and trainer.is_global_zero
+                desc = f"ConceptErasure: fitting {', '.join(group)}"
+                with torch.no_grad(), trainer.precision_plugin.forward_context():
+                    for i, batch in enumerate(
+                        tqdm(loader, desc=desc, leave=False, disable=not show)
+                    ):
+                        if self.max_batches is not None and i >= self.max_batches:
+                            break
+                        self._z = self._read_concept(batch)
+                        batch = trainer.strategy.batch_to_device(batch)
+                        self._mask = self._batch_mask(batch)
+                        forward(pl_module, batch)
+                fitters, self._collect = self._collect, {}
+                self._z = self._mask = None
+                self._finish(trainer, pl_module, fitters)
+        finally:
+            self._collect, self._z, self._mask = {}, None, None
+            pl_module.train(was_training)
+
+    def _merge_ranks(
+        self, trainer: Trainer, fitter: Optional[LeaceFitter]
+    ) -> Optional[LeaceFitter]:
+        """The statistics of every rank merged in rank order (identical on all ranks)."""
+        if world_size(trainer.strategy) == 1:
+            return fitter
+        dev = trainer.strategy.root_device
+        dims = torch.tensor([fitter.x_dim, fitter.z_dim] if fitter else [0, 0], device=dev)
+        all_dims = trainer.strategy.all_gather(dims).reshape(-1, 2)
+        x_dim, z_dim = int(all_dims[:, 0].max()), int(all_dims[:, 1].max())
+        if x_dim == 0:
+            return None
+        fitter = fitter or self._new_fitter(x_dim)
+        fitter.grow_to(z_dim)
+        merged = self._new_fitter(x_dim)
+        for stats in gather_stats(trainer.strategy, fitter.stats()):
+            part = self._new_fitter(x_dim)
+            part.grow_to(z_dim)
+            merged.merge(part.load_stats(stats))
+        return merged
+
+    def _finish(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        fitters: Dict[str, Optional[LeaceFitter]],
+    ) -> None:
+        """Merge ranks, solve, install, verify with probes, log and save."""
+        epoch = trainer.current_epoch
+        record: Dict[str, Any] = {"epoch": epoch, "layers": {}}
+        for name, fitter in fitters.items():
+            fitter = self._merge_ranks(trainer, fitter)
+            if fitter is None or fitter.n == 0:
+                rank_zero_warn(
+                    f"ConceptErasure: layer {name!r} produced no activations during fitting (was "
+                    "it called in forward?); it is left unerased."
+                )
+                continue
+            eraser = fitter.eraser.to(device=pl_module.device)
+            self.erasers[name] = eraser
+            if fitter.trace_mix is not None:
+                rank_zero_warn(
+                    f"ConceptErasure: at layer {name!r} the covariance-trace constraint mixed "
+                    f"LEACE (weight {fitter.trace_mix:.3f}) with an orthogonal projection; linear "
+                    "erasure then holds only approximately. Pass constrain_cov_trace=False for "
+                    "the exact guarantee."
+                )
+            info = {"n_rows": fitter.n, "rank": eraser.rank, "trace_mix": fitter.trace_mix}
+            info.update(self._verify(name, eraser))
+            record["layers"][name] = info
+        self.fitted_epoch = epoch
+        self.history.append(record)
+        self._log(trainer, record)
+        if trainer.is_global_zero:
+            self._save()
+
+    def _verify(self, name: str, eraser: LeaceEraser) -> Dict[str, float]:
+        """Linear-probe score of the concept before and after erasure, and the mean edit."""
+        rows = self._probe_rows.pop(name, [])
+        if not self.probe or not rows:
+            return {}
+        x = torch.cat([r for r, _ in rows])
+        z = torch.cat([c for _, c in rows])
+        erased = eraser.to(device="cpu", dtype=x.dtype)(x)
+        out = {"edit_norm": float((x - erased).square().sum(dim=1).mean())}
+        if z.ndim == 1 and not z.is_floating_point():
+            before, majority = probe_accuracy(x, z)
+            after, _ = probe_accuracy(erased, z)
+            out.update(probe_acc_before=before, probe_acc_after=after, majority_rate=majority)
+        else:
+            out.update(probe_r2_before=probe_r2(x, z), probe_r2_after=probe_r2(erased, z))
+        return out
+
+    def _log(self, trainer: Trainer, record: Dict[str, Any]) -> None:
+        metrics = {
+            f"erasure/{name}/{key}": float(val)
+            for name, info in record["layers"].items()
+            for key, val in info.items()
+            if key
+            in (
+                "probe_acc_before",
+                "probe_acc_after",
+                "edit_norm",
+                "majority_rate",
+                "probe_r2_before",
+                "probe_r2_after",
+            )
+        }
+        self.metrics.update(metrics)
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
+
+    def _save(self) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, "erasers.pt")
+        tmp = path + ".tmp"
+        torch.save(
+            {
+                k: {n: (None if t is None else t.cpu()) for n, t in e.state_dict().items()}
+                for k, e in self.erasers.items()
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+        atomic_write_json(os.path.join(self.out_dir, "history.json"), self.history)
+        atomic_write_json(os.path.join(self.out_dir, "config.json"), self._config())
+
+    def _config(self) -> Dict[str, Any]:
+        return {
+            "layers": list(self.modules),
+            "when": self.when,
+            "method": self.method,
+            "pooling": self.pooling if isinstance(self.pooling, str) else repr(self.pooling),
+            "z_dim": self.z_dim,
+            "shrinkage": self.shrinkage,
+            "constrain_cov_trace": self.constrain_cov_trace,
+            "svd_tol": self.svd_tol,
+            "sequential": self.sequential,
+            "output_index": self.output_index,
+        }
+
+
+def _channels_last(
+    out: torch.Tensor,
+) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """(B, C, H, W) maps become (B, H, W, C) so features are last; returns the inverse too."""
+    if out.ndim == 4:
+        return out.permute(0, 2, 3, 1), lambda t: t.permute(0, 3, 1, 2)
+    return out, lambda t: t
+
+
+def _replace(output: Any, new: torch.Tensor, index: Optional[int]) -> Any:
+    """The module output with the erased tensor put back in its place."""
+    if isinstance(output, torch.Tensor):
+        return new
+    items = list(output)
+    items[index] = new
+    if hasattr(output, "_fields"):  # namedtuple
+        return type(output)(*items)
+    return tuple(items) if isinstance(output, tuple) else items

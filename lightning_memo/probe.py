@@ -1,0 +1,68 @@
+"""Linear probes used to verify concept erasure (math core, torch only)."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = ["probe_accuracy", "probe_r2"]
+
+
+def probe_accuracy(
+    x: torch.Tensor, z: torch.Tensor, l2: float = 1e-4, max_iter: int = 200
+) -> Tuple[float, float]:
+    """In-sample accuracy of a multinomial logistic-regression probe for classes z from x.
+
+    After LEACE, Cov(x, z) = 0, so the probe's optimum is the constant predictor and its accuracy
+    is the majority-class rate (Belrose et al. 2023, Theorem 3.1).
+
+    Args:
+        x: (n, d) features; z: (n,) integer classes.
+        l2: ridge penalty on the weights (features are standardised first).
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        (probe accuracy, majority-class rate).
+    """
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    x = x.detach().double()
+    classes, z_idx = torch.unique(z, return_inverse=True)
+    k = classes.numel()
+    majority = float(torch.bincount(z_idx).max()) / z.numel()
+    if k < 2:
+        return 1.0, 1.0
+    std = x.std(dim=0).clamp_min(1e-12)
+    xs = (x - x.mean(dim=0)) / std
+    w = torch.zeros(x.shape[1], k, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    prior = torch.bincount(z_idx, minlength=k).double() / z.numel()
+    with torch.no_grad():
+        b.copy_(prior.log())  # start at the constant (majority-calibrated) predictor
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ w + b, z_idx) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        pred = (xs @ w + b).argmax(dim=1)
+    acc = multiclass_accuracy(pred, z_idx, num_classes=k, average="micro")
+    return float(acc), majority
+
+
+def probe_r2(x: torch.Tensor, z: torch.Tensor) -> float:
+    """In-sample R^2 of the least-squares linear probe z ~ x W + b (z: (n,) or (n, k))."""
+    x = x.detach().double()
+    z = z.detach().double().reshape(z.shape[0], -1)
+    xc = torch.cat([x - x.mean(dim=0), torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    zc = z - z.mean(dim=0)
+    coef = torch.linalg.lstsq(xc, zc, driver="gelsd").solution
+    resid = zc - xc @ coef
+    tot = zc.square().sum()
+    return float(1 - resid.square().sum() / tot) if tot > 0 else 0.0
