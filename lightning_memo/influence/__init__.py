@@ -1,0 +1,15 @@
+"""Per-sample gradients, projections and influence estimators (math core, torch only)."""
+
+from .grads import LinearGradCapture, linear_grads_from_io, per_sample_grads, select_parameters
+from .projection import DenseProjector, KroneckerProjector, kronecker_dims, random_matrix
+
+__all__ = [
+    "LinearGradCapture",
+    "linear_grads_from_io",
+    "per_sample_grads",
+    "select_parameters",
+    "DenseProjector",
+    "KroneckerProjector",
+    "kronecker_dims",
+    "random_matrix",
+]
