@@ -2,6 +2,7 @@
 
 from .grads import LinearGradCapture, linear_grads_from_io, per_sample_grads, select_parameters
 from .projection import DenseProjector, KroneckerProjector, kronecker_dims, random_matrix
+from .tracin import GradientStore, top_k, tracin_scores, tracin_self_influence
 
 __all__ = [
     "LinearGradCapture",
@@ -12,4 +13,8 @@ __all__ = [
     "KroneckerProjector",
     "kronecker_dims",
     "random_matrix",
+    "GradientStore",
+    "tracin_scores",
+    "tracin_self_influence",
+    "top_k",
 ]
