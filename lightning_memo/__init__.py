@@ -1,6 +1,6 @@
 """lightning_memo: memorization monitoring and data attribution for PyTorch Lightning."""
 
-from .callbacks import ConceptErasure, MemorizationMonitor
+from .callbacks import ConceptErasure, MemorizationMonitor, TracIn
 from .capture import FeatureCapture, pool, resolve_layers
 from .data import IndexedDataset, get_indices, get_labels, load_digits_flipped, make_accessor
 from .exceptions import (
@@ -19,6 +19,7 @@ __all__ = [
     "sample_directions",
     "MemorizationMonitor",
     "ConceptErasure",
+    "TracIn",
     "LeaceFitter",
     "LeaceEraser",
     "probe_accuracy",

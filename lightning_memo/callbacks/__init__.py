@@ -2,5 +2,6 @@
 
 from .erasure import ConceptErasure
 from .memorization import MemorizationMonitor
+from .tracin import TracIn
 
-__all__ = ["ConceptErasure", "MemorizationMonitor"]
+__all__ = ["ConceptErasure", "MemorizationMonitor", "TracIn"]

@@ -191,7 +191,7 @@ class ConceptErasure(Callback):
                     rows, z = self._fit_rows(name, feats.detach(), self._z, self._mask)
                     fitter = self._collect[name]
                     if fitter is None:
-                        fitter = self._collect[name] = self._new_fitter(rows.shape[1])
+                        fitter = self._collect[name] = self._new_fitter(rows.shape[1], z)
                     fitter.update(rows, z)
                     self._keep_probe_rows(name, rows, z)
             eraser = self.erasers.get(name)
@@ -320,10 +320,13 @@ class ConceptErasure(Callback):
         self.remove()
 
     # ------------------------------------------------------------------ fitting
-    def _new_fitter(self, x_dim: int) -> LeaceFitter:
+    def _new_fitter(self, x_dim: int, z: Optional[torch.Tensor] = None) -> LeaceFitter:
+        z_dim = self.z_dim
+        if z_dim is None and z is not None and z.ndim == 2:
+            z_dim = z.shape[1]  # float (B, k): one-hot / continuous concept with k columns
         return LeaceFitter(
             x_dim,
-            self.z_dim,
+            z_dim,
             self.method,
             shrinkage=self.shrinkage,
             constrain_cov_trace=self.constrain_cov_trace,

@@ -1,0 +1,449 @@
+"""TracIn: per-sample (projected) gradients collected while the model trains.
+
+TracInCP(z, z') = sum_c lr_c <grad l(z; w_c), grad l(z'; w_c)> (Pruthi et al., NeurIPS 2020).
+``mode="checkpoints"``: at each checkpoint an extra pass computes the training set's (and the
+queries') gradient features at the current weights. ``mode="online"``: the gradients of the actual
+training steps, at that step's weights and learning rate, with no extra pass over the training set.
+Formulas live in :mod:`lightning_memo.influence`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from ..capture import resolve_layers
+from ..data import Accessor, get_indices, get_labels, make_accessor
+from ..distributed import gather_rows, world_size
+from ..influence.features import GradientFeaturizer
+from ..influence.tracin import GradientStore, top_k, tracin_scores, tracin_self_influence
+from ..logging import (
+    as_image,
+    atomic_write_csv,
+    atomic_write_json,
+    image_grid,
+    resolve_output_dir,
+    tensorboard_writer,
+)
+from .common import sequential_loader
+
+__all__ = ["TracIn", "module_per_sample_loss"]
+
+MODES = ("checkpoints", "online")
+
+
+def module_per_sample_loss(module: Any, batch: Any) -> torch.Tensor:
+    """Default loss: ``module.per_sample_loss(batch)`` -> (B,)."""
+    fn = getattr(module, "per_sample_loss", None)
+    if fn is None:
+        raise ValueError(
+            f"{type(module).__name__} has no `per_sample_loss(self, batch)`; TracIn needs one loss "
+            "per sample. Add for example:\n"
+            "    def per_sample_loss(self, batch):\n"
+            "        x, y = batch[0], batch[1]\n"
+            "        return F.cross_entropy(self(x), y, reduction='none')\n"
+            "or pass TracIn(loss_fn=lambda module, batch: ...)."
+        )
+    return fn(batch)
+
+
+class TracIn(Callback):
+    """TracIn self-influence and train -> query influence, collected during training.
+
+    Args:
+        layers: layer names/globs or modules whose parameters are differentiated (default: every
+            trainable ``nn.Linear``).
+        projection_dim: size of the projected gradient features (LoGra for Linear layers);
+            ``None`` for exact gradients.
+        mode: ``"checkpoints"`` (TracInCP) or ``"online"`` (original TracIn).
+        every_n_epochs: checkpoint every n epochs (``checkpoints="epoch_end"``).
+        checkpoints: ``"epoch_end"`` or ``"every_n_steps"`` (with ``every_n_steps``).
+        every_n_steps: step interval for ``checkpoints="every_n_steps"``.
+        queries: a DataLoader of query samples (e.g. the validation set), with labels.
+        loss_fn: ``(module, batch) -> (B,)``; default ``module.per_sample_loss(batch)``.
+        loss_reduction: how the training loss reduces the batch (``"mean"`` or ``"sum"``); online
+            mode rescales the captured output-gradients by it.
+        top_k: proponents / opponents kept per query.
+        seed: projection seed.
+        store_dtype: dtype of the gradient store; ``store_on_disk``: memory-map it under the output
+            folder instead of RAM.
+        index_key, label_key, input_key: batch accessors (see ``lightning_memo.data``).
+        image_shape: reshape flat inputs for image grids.
+        output_dir: folder of the result files.
+        progress: progress bars on checkpoint passes.
+    """
+
+    def __init__(
+        self,
+        layers: Any = None,
+        projection_dim: Optional[int] = 1024,
+        mode: str = "checkpoints",
+        every_n_epochs: int = 1,
+        checkpoints: str = "epoch_end",
+        every_n_steps: Optional[int] = None,
+        queries: Any = None,
+        loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+        loss_reduction: str = "mean",
+        top_k: int = 10,
+        seed: int = 0,
+        store_dtype: torch.dtype = torch.float32,
+        store_on_disk: bool = False,
+        index_key: Accessor = None,
+        label_key: Accessor = None,
+        input_key: Accessor = None,
+        image_shape: Optional[Sequence[int]] = None,
+        output_dir: Optional[str] = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: use 'checkpoints' or 'online'.")
+        if checkpoints not in ("epoch_end", "every_n_steps"):
+            raise ValueError(f"checkpoints={checkpoints!r}: use 'epoch_end' or 'every_n_steps'.")
+        if checkpoints == "every_n_steps" and (every_n_steps is None or every_n_steps < 1):
+            raise ValueError("checkpoints='every_n_steps' needs every_n_steps >= 1.")
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs!r}: use an integer >= 1.")
+        if projection_dim is not None and projection_dim < 1:
+            raise ValueError(f"projection_dim={projection_dim!r}: use a positive int or None.")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'.")
+        self.layers, self.projection_dim, self.mode = layers, projection_dim, mode
+        self.every_n_epochs, self.checkpoints, self.every_n_steps = (
+            every_n_epochs,
+            checkpoints,
+            every_n_steps,
+        )
+        self.queries, self.loss_fn, self.loss_reduction = queries, loss_fn, loss_reduction
+        self.top_k, self.seed = int(top_k), int(seed)
+        self.store_dtype, self.store_on_disk = store_dtype, store_on_disk
+        self.index_key, self.label_key, self.input_key = index_key, label_key, input_key
+        self._get_index = make_accessor(index_key, "index")
+        self._get_label = make_accessor(label_key, "label")
+        self._get_input = make_accessor(input_key, "input")
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.output_dir, self.progress = output_dir, progress
+        # state
+        self.store: Optional[GradientStore] = None
+        self.query_grads: List[torch.Tensor] = []
+        self._online_self: Optional[torch.Tensor] = None
+        self._online_scores: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None
+        # run-time
+        self.features: Optional[GradientFeaturizer] = None
+        self.out_dir: Optional[str] = None
+        self._batch_idx: Optional[torch.Tensor] = None
+        self._pending: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=str(self.layers), mode=self.mode)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "version": 1,
+            "store": self.store.state() if self.store is not None else None,
+            "query_grads": [q.cpu() for q in self.query_grads],
+            "online_self": self._online_self,
+            "online_scores": self._online_scores,
+            "labels": self._labels,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._pending = dict(state_dict)
+
+    def _restore(self) -> None:
+        st, self._pending = self._pending, None
+        if st is None:
+            return
+        if st.get("store") is not None:
+            self.store = GradientStore.from_state(st["store"], self.store_dtype)
+        self.query_grads = list(st.get("query_grads", []))
+        for key in ("online_self", "online_scores", "labels"):
+            val = st.get(key)
+            if val is not None:
+                setattr(self, f"_{key}", val.clone())
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.layers is None:
+            modules = {n: m for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)}
+            modules = {
+                n: m
+                for n, m in modules.items()
+                if any(p.requires_grad for p in m.parameters(recurse=False))
+            }
+            if not modules:
+                raise ValueError(
+                    "The model has no trainable nn.Linear layer; pass layers= naming layers with "
+                    "trainable parameters."
+                )
+        else:
+            modules = resolve_layers(pl_module, self.layers)
+        self.features = GradientFeaturizer(modules, self.projection_dim, self.seed)
+        if self.mode == "online" and not self.features.linear:
+            raise ValueError(
+                "mode='online' reads the training step's gradients from nn.Linear layers; "
+                f"{[n for n, m in modules.items() if not isinstance(m, nn.Linear)]} are not "
+                "Linear. Use mode='checkpoints' for other layers."
+            )
+        self.out_dir = resolve_output_dir(trainer, self.output_dir, "tracin")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        ds = getattr(trainer.train_dataloader, "dataset", None)
+        if ds is None or not hasattr(ds, "__len__"):
+            raise TypeError(
+                "TracIn needs a map-style training dataset wrapped with IndexedDataset so every "
+                "sample keeps its index across epochs and ranks."
+            )
+        n = len(ds)
+        self._restore()
+        if self.store is None:
+            path = os.path.join(self.out_dir, "store") if self.store_on_disk else None
+            self.store = GradientStore(n, self.features.dim, self.store_dtype, path)
+        if self._labels is None:
+            self._labels = torch.full((n,), -1, dtype=torch.long)
+        if self.mode == "online":
+            if trainer.accumulate_grad_batches != 1:
+                raise ValueError(
+                    "mode='online' needs accumulate_grad_batches=1 (it reads each step's "
+                    "gradients); use mode='checkpoints'."
+                )
+            if self._online_self is None:
+                self._online_self = torch.zeros(n, dtype=torch.float64)
+            self.features.capture.attach()
+
+    def _loss(self) -> Callable[[Any, Any], torch.Tensor]:
+        return self.loss_fn or module_per_sample_loss
+
+    def _lrs(self, trainer: Trainer) -> Dict[str, float]:
+        """Learning rate of each differentiated layer (from its optimizer parameter group)."""
+        lrs: Dict[str, float] = {}
+        groups = [
+            (g["lr"], {id(p) for p in g["params"]})
+            for opt in trainer.optimizers
+            for g in opt.param_groups
+        ]
+        for name, mod in self.features.modules.items():
+            for lr, ids in groups:
+                if any(id(p) in ids for p in mod.parameters(recurse=False)):
+                    lrs[name] = float(lr)
+                    break
+        return lrs
+
+    # ------------------------------------------------------------------ online mode
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        check = world_size(trainer.strategy) == 1
+        idx = get_indices(batch, self._get_index, self.store.num_samples, check_duplicates=check)
+        self._labels[idx.cpu()] = get_labels(batch, self._get_label).cpu()
+        if self.mode == "online":
+            self._batch_idx = idx
+            self.features.capture.active = True
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
+    ) -> None:
+        if self.mode != "online" or self._batch_idx is None:
+            return
+        cap = self.features.capture
+        cap.active = False
+        if set(cap.grads) != set(self.features.modules):
+            return  # a layer unused in this step
+        self.features.set_learning_rates(self._lrs(trainer))
+        scale = float(self._batch_idx.shape[0]) if self.loss_reduction == "mean" else 1.0
+        feats = self.features.from_linear_io(dict(cap.inputs), dict(cap.grads), scale)
+        cap.clear()
+        idx, feats = gather_rows(trainer.strategy, self._batch_idx, feats)
+        self._online_self[idx.cpu()] += feats.double().square().sum(dim=1).cpu()
+        if self.queries is not None:
+            q = self._query_features(trainer, pl_module)
+            if self._online_scores is None:
+                self._online_scores = torch.zeros(q.shape[0], self.store.num_samples)
+            self._online_scores[:, idx.cpu()] += (q.float() @ feats.float().T).cpu()
+        self._batch_idx = None
+
+    # ------------------------------------------------------------------ checkpoints mode
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if (
+            self.mode == "checkpoints"
+            and self.checkpoints == "every_n_steps"
+            and trainer.global_step % self.every_n_steps == 0
+        ):
+            self._checkpoint(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (
+            self.mode == "checkpoints"
+            and self.checkpoints == "epoch_end"
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        ):
+            self._checkpoint(trainer, pl_module)
+
+    def _featurize(self, trainer: Trainer, pl_module: LightningModule, loader: Any, desc: str):
+        """(sample indices, features) of every sample of the training ``loader`` on this rank."""
+        from tqdm.auto import tqdm
+
+        idxs, feats = [], []
+        show = self.progress and trainer.is_global_zero
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
+                idxs.append(get_indices(batch, self._get_index, None, check_duplicates=False))
+                batch = trainer.strategy.batch_to_device(batch)
+                feats.append(self.features(pl_module, batch, self._loss()).detach())
+        finally:
+            pl_module.train(was_training)
+        return torch.cat(idxs), torch.cat(feats)
+
+    def _query_features(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+        """Query features (n_query, k) at the current weights, in the query loader's order."""
+        feats = []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for batch in self.queries:
+                try:
+                    get_labels(batch, self._get_label)
+                except ValueError as err:
+                    raise ValueError(f"The query loader has no labels: {err}") from None
+                batch = trainer.strategy.batch_to_device(batch)
+                feats.append(self.features(pl_module, batch, self._loss()).detach())
+        finally:
+            pl_module.train(was_training)
+        return torch.cat(feats)
+
+    def _checkpoint(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.features.set_learning_rates(self._lrs(trainer))
+        c = self.store.add_checkpoint(1.0, trainer.global_step)  # lr is inside the features
+        loader = sequential_loader(trainer)
+        idx, feats = self._featurize(trainer, pl_module, loader, "TracIn: train gradients")
+        idx, feats = gather_rows(trainer.strategy, idx.to(feats.device), feats)
+        self.store.write(c, idx, feats)
+        if self.queries is not None:
+            self.query_grads.append(self._query_features(trainer, pl_module).cpu())
+
+    # ------------------------------------------------------------------ results
+    @property
+    def self_influence(self) -> torch.Tensor:
+        """TracIn self-influence of every training sample: (N,) float64."""
+        if self.mode == "online":
+            return self._online_self
+        return tracin_self_influence(self.store)
+
+    def scores(self) -> torch.Tensor:
+        """Influence of every training sample on each query: (n_query, N)."""
+        if self.queries is None:
+            raise ValueError("TracIn was built without queries=; pass a query DataLoader.")
+        if self.mode == "online":
+            return self._online_scores
+        return tracin_scores(self.store, self.query_grads)
+
+    def top_k_for(self, query_index: int, k: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Proponents and opponents (training indices and scores) of one query."""
+        row = self.scores()[query_index]
+        pro, opp = top_k(row, k or self.top_k)
+        return {
+            "proponents": pro.numpy(),
+            "proponent_scores": row[pro].numpy(),
+            "opponents": opp.numpy(),
+            "opponent_scores": row[opp].numpy(),
+        }
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.mode == "online" and self.features is not None:
+            self.features.capture.remove()
+        if self.mode == "checkpoints" and len(self.store) == 0:
+            rank_zero_warn("TracIn recorded no checkpoint (check every_n_epochs / every_n_steps).")
+            return
+        if trainer.is_global_zero:
+            self._write(trainer)
+
+    def _write(self, trainer: Trainer) -> None:
+        si = self.self_influence.cpu().numpy()
+        order = np.argsort(-si, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        labels = self._labels.numpy()
+        atomic_write_csv(
+            os.path.join(self.out_dir, "self_influence.csv"),
+            ["index", "label", "self_influence", "rank"],
+            [[i, int(labels[i]), float(si[i]), int(rank[i])] for i in range(len(si))],
+        )
+        if self.queries is not None and self.top_k:
+            rows = []
+            scores = self.scores()
+            for q in range(scores.shape[0]):
+                pro, opp = top_k(scores[q], self.top_k)
+                for r, (p, o) in enumerate(zip(pro.tolist(), opp.tolist())):
+                    rows.append([q, r, p, float(scores[q, p]), o, float(scores[q, o])])
+            atomic_write_csv(
+                os.path.join(self.out_dir, "top_k.csv"),
+                ["query", "rank", "proponent", "proponent_score", "opponent", "opponent_score"],
+                rows,
+            )
+        if self.mode == "checkpoints":
+            path = os.path.join(self.out_dir, "store.pt")
+            torch.save(
+                {
+                    "state": self.store.state(),
+                    "query_grads": self.query_grads,
+                    "projection_dim": self.projection_dim,
+                    "seed": self.seed,
+                    "layers": list(self.features.modules),
+                },
+                path + ".tmp",
+            )
+            os.replace(path + ".tmp", path)
+        atomic_write_json(
+            os.path.join(self.out_dir, "config.json"),
+            {
+                "mode": self.mode,
+                "projection_dim": self.projection_dim,
+                "seed": self.seed,
+                "layers": list(self.features.modules),
+                "feature_dim": self.features.dim,
+                "checkpoints": len(self.store) if self.mode == "checkpoints" else None,
+                "missing_samples": self.store.missing() if self.mode == "checkpoints" else None,
+            },
+        )
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
+            writer.add_histogram("tracin/self_influence", si, trainer.global_step)
+            ds = getattr(trainer.train_dataloader, "dataset", None)
+            top = order[:16]
+            images = []
+            for i in top:
+                try:
+                    im = as_image(torch.as_tensor(self._get_input(ds[int(i)])), self.image_shape)
+                except (KeyError, IndexError, TypeError, ValueError):
+                    im = None
+                if im is None:
+                    images = []
+                    break
+                images.append(im)
+            if images:
+                grid = image_grid(
+                    images,
+                    [str(int(labels[i])) for i in top],
+                    scale=max(1, 64 // max(images[0].shape[1:])),
+                )
+                writer.add_image("tracin/top_self_influence", grid, trainer.global_step)
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exc: BaseException
+    ) -> None:
+        if self.features is not None and self.features.capture is not None:
+            self.features.capture.remove()
