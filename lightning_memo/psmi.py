@@ -21,8 +21,9 @@ from .exceptions import NotFittedError
 
 __all__ = ["PSMI", "sample_directions"]
 
-# Elements of the (classes, rows, directions) work tensor per chunk: small enough to stay in cache.
-_CHUNK_ELEMENTS = 1 << 18
+# Elements of the (classes, rows, directions) work tensor per chunk: 8 MB in float64; larger chunks
+# mean fewer small kernel launches, which matters when other processes share the cores.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def sample_directions(
@@ -405,10 +406,11 @@ class PSMI:
         log_priors = priors.log().to(x.device)
         bsize = self._block_size(n, x.element_size())
         acc = _MomentAccumulator(n, x.device)
-        full_parts, thetas, means_parts, stds_parts = [], [], [], []
+        thetas, means_parts, stds_parts = [], [], []
         block_means = []  # (n,) per unit of min_n_estimators directions, for "auto"
         n_floored = 0
         m_target = self.max_n_estimators if self.auto else self.n_estimators
+        full = _FullOutput(n, None if self.auto else m_target, order) if return_full else None
         done = 0
         converged = False
         unit = _MomentAccumulator(n, x.device)
@@ -432,8 +434,8 @@ class PSMI:
                 del proj
                 acc.add_moments(tb.shape[0], bmean, bm2)
                 unit.add_moments(tb.shape[0], bmean, bm2)
-                if return_full:
-                    full_parts.append(pmi)
+                if full is not None:
+                    full.add(pmi)
             thetas.append(th)
             done += th.shape[0]
             if score:
@@ -461,8 +463,8 @@ class PSMI:
         self._warn_floored(n_floored, classes.numel() * done)
         inv = torch.argsort(order)
         mean, std = acc.result()
-        full = torch.cat(full_parts, dim=1)[inv] if return_full else None
-        return mean[inv].to(x.dtype), std[inv].to(x.dtype), full
+        out = full.result() if full is not None else None
+        return mean[inv].to(x.dtype), std[inv].to(x.dtype), out
 
     def _auto_should_stop(self, block_means: list) -> bool:
         nb = len(block_means)
@@ -525,8 +527,8 @@ class PSMI:
         log_priors = f.priors.log().to(x.device)
         bsize = self._block_size(x.shape[0], x.element_size())
         acc = _MomentAccumulator(x.shape[0], x.device)
-        parts = []
         theta = f.theta.to(device=x.device, dtype=x.dtype)
+        full = _FullOutput(x.shape[0], theta.shape[0], order) if return_full else None
         means = f.means.to(device=x.device, dtype=x.dtype)
         stds = f.stds.to(device=x.device, dtype=x.dtype)
         for s in range(0, theta.shape[0], bsize):
@@ -540,12 +542,12 @@ class PSMI:
                 return_full,
             )
             acc.add_moments(proj.shape[1], bmean, bm2)
-            if return_full:
-                parts.append(pmi)
+            if full is not None:
+                full.add(pmi)
         inv = torch.argsort(order)
         mean, std = acc.result()
-        full = torch.cat(parts, dim=1)[inv] if return_full else None
-        return self._triple(mean[inv].to(x.dtype), std[inv].to(x.dtype), full)
+        out = full.result() if full is not None else None
+        return self._triple(mean[inv].to(x.dtype), std[inv].to(x.dtype), out)
 
     def fit_transform(
         self, features: Any, labels: Any, return_full: Optional[bool] = None
@@ -579,6 +581,31 @@ class PSMI:
 
     def _triple(self, mean: torch.Tensor, std: torch.Tensor, full: Optional[torch.Tensor]):
         return self._out(mean), self._out(std), None if full is None else self._out(full)
+
+
+class _FullOutput:
+    """The (n, m) pmi array filled block by block in the caller's row order (``order`` maps the
+    class-sorted rows back); preallocated when m is known, else concatenated once at the end."""
+
+    def __init__(self, n: int, m: Optional[int], order: torch.Tensor) -> None:
+        self.n, self.m, self.order, self.col = n, m, order, 0
+        self.buf: Optional[torch.Tensor] = None
+        self.parts: List[torch.Tensor] = []
+
+    def add(self, pmi: torch.Tensor) -> None:
+        """pmi: (n, b) in class-sorted row order."""
+        if self.m is not None:
+            if self.buf is None:
+                self.buf = pmi.new_empty(self.n, self.m)
+            self.buf[self.order, self.col : self.col + pmi.shape[1]] = pmi
+        else:
+            self.parts.append(pmi)
+        self.col += pmi.shape[1]
+
+    def result(self) -> torch.Tensor:
+        if self.m is not None:
+            return self.buf
+        return torch.cat(self.parts, dim=1)[torch.argsort(self.order)]
 
 
 class _MomentAccumulator:
