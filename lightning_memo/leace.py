@@ -25,7 +25,10 @@ def linear_shrinkage(s: torch.Tensor, n: int) -> torch.Tensor:
     """Optimal linear shrinkage of a sample covariance toward ``tr(S)/p * I``.
 
     Random-matrix estimator (Ledoit-Wolf type, arXiv 1308.2608), distribution-free, for ``p/n`` not
-    small; this is what ``concept-erasure`` applies.
+    small; this is what ``concept-erasure`` applies, except that the intensity ``a`` is clipped to
+    [0, 1] (as in Ledoit-Wolf): for a near-isotropic S (d = 1 always, whitened features, small d)
+    the unclipped formula gives ``a`` << 0 (down to -1e14 by cancellation) and an indefinite
+    "covariance", which breaks the erasure guarantee.
 
     Args:
         s: (p, p) sample covariance normalised by ``n``.
@@ -42,6 +45,7 @@ def linear_shrinkage(s: torch.Tensor, n: int) -> torch.Tensor:
     prod = mu * tr  # tr(S Sigma0)
     eps = torch.finfo(s.dtype).eps
     alpha = 1 - (tr * tr * s0_sq / n + eps) / (s_sq * s0_sq - prod * prod + eps)
+    alpha = alpha.clamp(0, 1)  # a < 0 extrapolates past the target: indefinite for S ~ c I
     beta = (1 - alpha) * (prod + eps) / (s0_sq + eps)
     out = alpha * s
     out.diagonal().add_(beta * mu)

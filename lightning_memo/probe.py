@@ -53,16 +53,23 @@ def probe_accuracy(
     with torch.no_grad():
         pred = (xs @ w + b).argmax(dim=1)
     acc = multiclass_accuracy(pred, z_idx, num_classes=k, average="micro")
-    return float(acc), majority
+    # torchmetrics returns float32: snap to the exact fraction correct / n (float64, like majority)
+    # so that a probe at the constant predictor compares equal to the majority rate
+    return round(float(acc) * z.numel()) / z.numel(), majority
 
 
-def probe_r2(x: torch.Tensor, z: torch.Tensor) -> float:
-    """In-sample R^2 of the least-squares linear probe z ~ x W + b (z: (n,) or (n, k))."""
+def probe_r2(x: torch.Tensor, z: torch.Tensor, rcond: float = 1e-5) -> float:
+    """In-sample R^2 of the least-squares linear probe z ~ x W + b (z: (n,) or (n, k)).
+
+    Directions of the centred x whose singular value is below ``rcond`` times the largest are
+    dropped: erased features are rank-deficient, and fitting their float32 rounding noise
+    (~1e-7 relative) would report a spurious R^2 after exact erasure.
+    """
     x = x.detach().double()
     z = z.detach().double().reshape(z.shape[0], -1)
-    xc = torch.cat([x - x.mean(dim=0), torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    xc = x - x.mean(dim=0)  # centred x and z: the intercept is the mean, no column needed
     zc = z - z.mean(dim=0)
-    coef = torch.linalg.lstsq(xc, zc, driver="gelsd").solution
+    coef = torch.linalg.lstsq(xc, zc, rcond=rcond, driver="gelsd").solution
     resid = zc - xc @ coef
     tot = zc.square().sum()
     return float(1 - resid.square().sum() / tot) if tot > 0 else 0.0
