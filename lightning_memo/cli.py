@@ -1,4 +1,4 @@
-"""The ``lightning-memo`` command: ``lightning-memo demo [memorization]``."""
+"""The ``lightning-memo`` command: ``lightning-memo demo [memorization|erasure]``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lightning-memo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a demo on data shipped with scikit-learn")
-    demo.add_argument("which", nargs="?", default="memorization", choices=["memorization"])
+    demo.add_argument(
+        "which", nargs="?", default="memorization", choices=["memorization", "erasure"]
+    )
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--out", default="demo_runs", help="folder of TensorBoard logs and CSVs")
     demo.add_argument("--n-estimators", type=int, default=2000)
@@ -33,6 +35,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             seed=args.seed,
             source=args.source,
         )
+    elif args.command == "demo" and args.which == "erasure":
+        from .demo_erasure import run_erasure_demo
+
+        run_erasure_demo(epochs=args.epochs, out_dir=args.out, seed=args.seed)
     return 0
 
 

@@ -33,7 +33,11 @@ def probe_accuracy(
     majority = float(torch.bincount(z_idx).max()) / z.numel()
     if k < 2:
         return 1.0, 1.0
-    std = x.std(dim=0).clamp_min(1e-12)
+    std = x.std(dim=0)
+    # (near-)constant columns carry only rounding noise (e.g. dead units after erasure, where the
+    # noise is proportional to the erased direction); standardising would amplify it
+    live = std > 1e-6 * std.max().clamp_min(1e-300)
+    x, std = x[:, live], std[live]
     xs = (x - x.mean(dim=0)) / std
     w = torch.zeros(x.shape[1], k, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(k, dtype=torch.float64, requires_grad=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from lightning.pytorch import LightningModule, Trainer
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..distributed import world_size
 
@@ -25,9 +25,9 @@ def default_forward(module: LightningModule, batch: Any, skip_keys: Sequence[str
 def sequential_loader(trainer: Trainer, loader: Optional[Any] = None) -> Any:
     """A sequential loader over this rank's share of ``loader`` (default: the training loader).
 
-    Consumes no RNG, so a run is the same with and without the callback; under DDP each rank
-    takes a ``DistributedSampler(shuffle=False)`` share. A loader with a custom batch sampler is
-    returned as is.
+    Consumes no RNG, so a run is the same with and without the callback; under DDP rank r takes
+    samples r, r + w, ... without the padding ``DistributedSampler`` adds, so every sample is seen
+    exactly once over all ranks. A loader with a custom batch sampler is returned as is.
     """
     dl = trainer.train_dataloader if loader is None else loader
     ds = getattr(dl, "dataset", None)
@@ -35,9 +35,7 @@ def sequential_loader(trainer: Trainer, loader: Optional[Any] = None) -> Any:
         return dl
     sampler = None
     if world_size(trainer.strategy) > 1:
-        sampler = DistributedSampler(
-            ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-        )
+        sampler = RankShard(len(ds), trainer.global_rank, trainer.world_size)
     return DataLoader(
         ds,
         batch_size=dl.batch_size,
@@ -47,3 +45,16 @@ def sequential_loader(trainer: Trainer, loader: Optional[Any] = None) -> Any:
         num_workers=dl.num_workers,
         pin_memory=dl.pin_memory,
     )
+
+
+class RankShard(Sampler):
+    """Positions ``rank, rank + world, ...`` of ``[0, n)``: a sequential, unpadded shard."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
