@@ -401,7 +401,7 @@ class PSMI:
         n, d = x.shape
         classes, counts = self._class_counts(y)
         order, segments = self._sort_by_class(y, classes)
-        xs = x[order]
+        xs, live = _live_columns(x[order])
         priors = counts.to(torch.float64) / n
         log_priors = priors.log().to(x.device)
         bsize = self._block_size(n, x.element_size())
@@ -423,7 +423,7 @@ class PSMI:
             th = th.to(device=x.device, dtype=x.dtype)
             for s in range(0, th.shape[0], bsize):
                 tb = th[s : s + bsize]
-                proj = xs @ tb.T
+                proj = xs @ (tb.T if live is None else tb[:, live].T)
                 mu, sd, nf = self._class_stats(proj, segments, priors)
                 n_floored += nf
                 means_parts.append(mu)
@@ -523,7 +523,7 @@ class PSMI:
         x, y = self._prepare(features, labels)
         return_full = self.return_full if return_full is None else return_full
         order, segments = self._sort_by_class(y, f.classes.to(y.device))
-        xs = x[order]
+        xs, live = _live_columns(x[order])
         log_priors = f.priors.log().to(x.device)
         bsize = self._block_size(x.shape[0], x.element_size())
         acc = _MomentAccumulator(x.shape[0], x.device)
@@ -532,7 +532,8 @@ class PSMI:
         means = f.means.to(device=x.device, dtype=x.dtype)
         stds = f.stds.to(device=x.device, dtype=x.dtype)
         for s in range(0, theta.shape[0], bsize):
-            proj = xs @ theta[s : s + bsize].T
+            tb = theta[s : s + bsize]
+            proj = xs @ (tb.T if live is None else tb[:, live].T)
             pmi, bmean, bm2 = self._pmi_block(
                 proj,
                 segments,
@@ -581,6 +582,15 @@ class PSMI:
 
     def _triple(self, mean: torch.Tensor, std: torch.Tensor, full: Optional[torch.Tensor]):
         return self._out(mean), self._out(std), None if full is None else self._out(full)
+
+
+def _live_columns(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Drop all-zero feature columns (e.g. dead ReLU units): they add nothing to any projection,
+    so the result is exact and the projection cheaper. Returns (x without them, kept mask)."""
+    live = (x != 0).any(dim=0)
+    if bool(live.all()):
+        return x, None
+    return x[:, live], live
 
 
 class _FullOutput:

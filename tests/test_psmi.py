@@ -607,3 +607,19 @@ def test_pmi_upper_bound():
     assert np.all(mean <= bound + 1e-12)
     assert np.max(full - bound[:, None]) > -1e-6  # tight somewhere
     assert full.min() < -1.0  # and not a constant
+
+
+def test_dead_columns_are_dropped_exactly(monkeypatch):
+    """All-zero feature columns (dead ReLU units) are skipped: same scores as projecting them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 20, generator=g, dtype=torch.float64).relu()
+    x[:, :7] = 0
+    y = torch.arange(300) % 3
+    fast = PSMI(n_estimators=200, seed=1).fit_transform(x, y)
+    est = PSMI(n_estimators=200, seed=1)
+    est.fit(x, y)
+    monkeypatch.setattr(psmi_mod, "_live_columns", lambda t: (t, None))
+    slow = PSMI(n_estimators=200, seed=1).fit_transform(x, y)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(est.transform(x, y)[0], slow[0], rtol=0, atol=1e-12)

@@ -161,6 +161,8 @@ class MemorizationMonitor(Callback):
         self._armed_batch: Optional[tuple] = None
         self._warned: set = set()
         self._checked = False
+        self._logits_checked: Optional[bool] = None
+        self._first_epoch = 0
         self._device = torch.device("cpu")
 
     # ------------------------------------------------------------------ identity & state
@@ -215,6 +217,7 @@ class MemorizationMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.num_samples or self._dataset_size(trainer)
         self._device = pl_module.device
+        self._first_epoch = trainer.current_epoch
         self.capture.allocate(n)
         self._labels = torch.full((n,), -1, dtype=torch.long)
         self._loss = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -282,11 +285,12 @@ class MemorizationMonitor(Callback):
         self._margin.fill_(float("nan"))
 
     def _read_batch(self, trainer: Trainer, batch: Any) -> tuple:
+        first = trainer.current_epoch == self._first_epoch
         idx = get_indices(
             batch,
             self._get_index,
-            self.capture.num_samples,
-            check_duplicates=world_size(trainer.strategy) == 1,
+            self.capture.num_samples if first else None,  # checked in the first epoch only
+            check_duplicates=first and world_size(trainer.strategy) == 1,
         )
         lab = get_labels(batch, self._get_label)
         if lab.shape[0] != idx.shape[0]:
@@ -325,17 +329,23 @@ class MemorizationMonitor(Callback):
         out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != idx.shape[0]:
             return
-        if not out.is_floating_point() or int(lab.max()) >= out.shape[1] or int(lab.min()) < 0:
+        if not out.is_floating_point() or out.shape[1] < 2:
+            return
+        if self._logits_checked is None:  # once: do the labels index the logits' columns?
+            self._logits_checked = 0 <= int(lab.min()) and int(lab.max()) < out.shape[1]
+        if not self._logits_checked:
             return
         with torch.no_grad():
-            logits = out.detach().double()
+            logits = out.detach().float()
             lab = lab.to(logits.device)
             loss = F.cross_entropy(logits, lab, reduction="none")
             own = logits.gather(1, lab[:, None]).squeeze(1)
-            other = logits.scatter(1, lab[:, None], float("-inf")).amax(dim=1)
+            top = logits.topk(2, dim=1)
+            other = torch.where(top.indices[:, 0] == lab, top.values[:, 1], top.values[:, 0])
+            both = torch.stack([loss, own - other], dim=1).cpu().double()
             cpu_idx = idx.cpu()
-            self._loss[cpu_idx] = loss.cpu()
-            self._margin[cpu_idx] = (own - other).cpu()
+            self._loss[cpu_idx] = both[:, 0]
+            self._margin[cpu_idx] = both[:, 1]
 
     def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """No-grad pass over the training set in eval mode, recording features and baselines."""
@@ -623,16 +633,14 @@ class MemorizationMonitor(Callback):
         if has_base:
             header += ["loss", "margin"]
         header.append("flagged")
-        flagged = (self.flagged_epoch >= 0).numpy()
-        rows = []
-        for i in np.nonzero(any_scored | (labels >= 0).numpy())[0]:
-            row = [int(i), int(labels[i])]
-            for name in names:
-                row += [float(scores[name][i]), float(stds[name][i])]
-            if has_base:
-                row += [float(loss[i]), float(margin[i])]
-            row.append(int(flagged[i]))
-            rows.append(row)
+        keep = np.nonzero(any_scored | (labels >= 0).numpy())[0]
+        cols = [keep.tolist(), labels.numpy()[keep].tolist()]  # columns, then rows: no per-cell
+        for name in names:  # tensor indexing (that made this loop the slow part of an epoch)
+            cols += [scores[name][keep].tolist(), stds[name][keep].tolist()]
+        if has_base:
+            cols += [loss.numpy()[keep].tolist(), margin.numpy()[keep].tolist()]
+        cols.append((self.flagged_epoch >= 0).numpy()[keep].astype(int).tolist())
+        rows = zip(*cols)
         atomic_write_csv(os.path.join(self.out_dir, f"epoch_{epoch}.csv"), header, rows)
         fl = self.flagged
         atomic_write_csv(
