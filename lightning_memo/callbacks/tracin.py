@@ -140,11 +140,14 @@ class TracIn(Callback):
         self.out_dir: Optional[str] = None
         self._batch_idx: Optional[torch.Tensor] = None
         self._pending: Optional[Dict[str, Any]] = None
+        self._step_lrs: Optional[Dict[str, float]] = None  # lrs of the last optimizer step
 
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(layers=str(self.layers), mode=self.mode)
+        return self._generate_state_key(
+            layers=str(self.layers), mode=self.mode, projection_dim=self.projection_dim
+        )
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -255,6 +258,10 @@ class TracIn(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:
+        if self.mode == "checkpoints":
+            # the lr the interval ending at the next checkpoint was trained with (Lightning steps
+            # epoch-level schedulers before on_train_epoch_end / on_train_batch_end)
+            self._step_lrs = self._lrs(trainer)
         if self.mode != "online" or self._batch_idx is None:
             return
         cap = self.features.capture
@@ -326,7 +333,7 @@ class TracIn(Callback):
         return torch.cat(feats)
 
     def _checkpoint(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.features.set_learning_rates(self._lrs(trainer))
+        self.features.set_learning_rates(self._step_lrs or self._lrs(trainer))
         c = self.store.add_checkpoint(1.0, trainer.global_step)  # lr is inside the features
         loader = sequential_loader(trainer)
         idx, feats = self._featurize(trainer, pl_module, loader, "TracIn: train gradients")
@@ -363,8 +370,8 @@ class TracIn(Callback):
         }
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.mode == "online" and self.features is not None:
-            self.features.capture.remove()
+        if self.features is not None and self.features.capture is not None:
+            self.features.capture.remove()  # checkpoints mode attaches hooks on its first pass
         if self.mode == "checkpoints" and len(self.store) == 0:
             rank_zero_warn("TracIn recorded no checkpoint (check every_n_epochs / every_n_steps).")
             return

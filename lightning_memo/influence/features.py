@@ -103,6 +103,12 @@ class GradientFeaturizer:
         (per parameter group); ``lrs``: ``{module or param name: lr}``."""
         self.lr_scale = {n: math.sqrt(max(lr, 0.0)) for n, lr in lrs.items()}
 
+    def _param_lr_scale(self, name: str) -> float:
+        """sqrt(lr) of a parameter, given by its own name or by its module's name."""
+        if name in self.lr_scale:
+            return self.lr_scale[name]
+        return self.lr_scale.get(name.rsplit(".", 1)[0], 1.0)
+
     # ------------------------------------------------------------------ linear fast path
     def from_linear_io(
         self, inputs: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], scale: float = 1.0
@@ -148,7 +154,12 @@ class GradientFeaturizer:
         if self.lr_scale:
             scale = torch.cat(
                 [
-                    torch.full((self.sizes[n],), self.lr_scale.get(n, 1.0), device=flat.device)
+                    torch.full(
+                        (self.sizes[n],),
+                        self._param_lr_scale(n),
+                        device=flat.device,
+                        dtype=flat.dtype,
+                    )
                     for n in self.params
                 ]
             )
