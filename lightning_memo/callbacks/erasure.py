@@ -16,7 +16,7 @@ from torch import nn
 
 from ..capture import POOLINGS, LayerSpec, pool, resolve_layers
 from ..data import Accessor, make_accessor
-from ..distributed import gather_stats, world_size
+from ..distributed import gather_rows, gather_stats, world_size
 from ..leace import LeaceEraser, LeaceFitter
 from ..logging import atomic_write_json, resolve_output_dir
 from ..probe import probe_accuracy, probe_r2
@@ -96,7 +96,7 @@ class ConceptErasure(Callback):
             )
         if method not in ("leace", "orth"):
             raise ValueError(f"method={method!r}: use 'leace' or 'orth'.")
-        if not (isinstance(fit_on, str) and fit_on == "train") and not hasattr(fit_on, "__iter__"):
+        if fit_on != "train" if isinstance(fit_on, str) else not hasattr(fit_on, "__iter__"):
             raise ValueError(f"fit_on={fit_on!r}: use 'train' or a DataLoader.")
         if z_dim is not None and z_dim < 1:
             raise ValueError(f"z_dim={z_dim!r}: use a positive integer or None.")
@@ -169,8 +169,12 @@ class ConceptErasure(Callback):
     # ------------------------------------------------------------------ hooks on the model
     def install(self, model: nn.Module) -> ConceptErasure:
         """Register the erasure hooks on ``model`` (idempotent); erasers apply once fitted."""
-        if not self.modules:
-            self.modules = resolve_layers(model, self.layers)
+        modules = resolve_layers(model, self.layers)
+        if self._handles and modules.keys() == self.modules.keys():
+            if all(m is self.modules[n] for n, m in modules.items()):
+                return self  # already installed on this model
+        self.remove()  # hooks on another model (e.g. the one trained) are moved to this one
+        self.modules = modules
         if not self._handles:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
@@ -440,6 +444,7 @@ class ConceptErasure(Callback):
                     "the exact guarantee."
                 )
             info = {"n_rows": fitter.n, "rank": eraser.rank, "trace_mix": fitter.trace_mix}
+            self._gather_probe_rows(trainer, name, fitter.x_dim)
             info.update(self._verify(name, eraser))
             record["layers"][name] = info
         self.fitted_epoch = epoch
@@ -447,6 +452,30 @@ class ConceptErasure(Callback):
         self._log(trainer, record)
         if trainer.is_global_zero:
             self._save()
+
+    def _gather_probe_rows(self, trainer: Trainer, name: str, x_dim: int) -> None:
+        """Under DDP, every rank's probe rows on every rank: the probes then score the erasure
+        on the whole fitting set (the guarantee holds there, not on one rank's share)."""
+        if not self.probe or world_size(trainer.strategy) == 1:
+            return
+        rows = self._probe_rows.pop(name, [])
+        x = torch.cat([r for r, _ in rows]) if rows else torch.zeros(0, x_dim)
+        z = torch.cat([c for _, c in rows]) if rows else None
+        # concept layout (classes (n,) or float (n, k)), agreed over the ranks that have rows
+        classes = z is not None and z.ndim == 1 and not z.is_floating_point()
+        k = 0 if z is None else z.reshape(z.shape[0], -1).shape[1]
+        mine = torch.tensor([z is not None, classes, k], device=trainer.strategy.root_device)
+        layouts = trainer.strategy.all_gather(mine).reshape(-1, 3)
+        layouts = layouts[layouts[:, 0] == 1]
+        if layouts.shape[0] == 0:
+            return
+        classes, k = bool(layouts[0, 1]), int(layouts[0, 2])
+        zs = torch.zeros(x.shape[0], k) if z is None else z.reshape(x.shape[0], -1)
+        values = torch.cat([x.double(), zs.double()], dim=1)
+        _, values = gather_rows(trainer.strategy, torch.arange(x.shape[0]), values)
+        z_all = values[:, x_dim:]
+        z_all = z_all[:, 0].long() if classes else z_all.float()
+        self._probe_rows[name] = [(values[:, :x_dim].float(), z_all)]
 
     def _verify(self, name: str, eraser: LeaceEraser) -> Dict[str, float]:
         """Linear-probe score of the concept before and after erasure, and the mean edit."""
