@@ -30,7 +30,8 @@ class GradientFeaturizer:
         projection_dim: total size k of the projected features (split over layers in proportion
             to their gradient sizes), or ``None`` for exact (flattened) gradients.
         seed: projection seed (same on every rank).
-        kind: ``"gaussian"`` or ``"rademacher"``.
+        kind: projection matrices (see :func:`~lightning_memo.influence.random_matrix`); default
+            ``"orthogonal"`` factors for Linear layers and ``"gaussian"`` for the dense path.
         params: ``{name: parameter}`` for the generic path (default: the modules' parameters).
     """
 
@@ -39,7 +40,7 @@ class GradientFeaturizer:
         modules: Dict[str, nn.Module],
         projection_dim: Optional[int] = 1024,
         seed: int = 0,
-        kind: str = "gaussian",
+        kind: Optional[str] = None,
         params: Optional[Dict[str, nn.Parameter]] = None,
     ) -> None:
         self.modules = modules
@@ -82,10 +83,12 @@ class GradientFeaturizer:
                         mod.bias is not None,
                         k,
                         seed * 1000 + i,
-                        kind,
+                        kind or "orthogonal",
                     )
             else:
-                self.projectors["_dense"] = DenseProjector(total, projection_dim, seed, kind)
+                self.projectors["_dense"] = DenseProjector(
+                    total, projection_dim, seed, kind or "gaussian"
+                )
         self.capture = LinearGradCapture(modules) if self.linear else None
         self.lr_scale: Dict[str, float] = {}
 

@@ -20,18 +20,26 @@ __all__ = ["random_matrix", "DenseProjector", "KroneckerProjector", "kronecker_d
 def random_matrix(
     rows: int, cols: int, seed: int, kind: str = "gaussian", dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """A seeded (rows, cols) matrix with i.i.d. entries of mean 0 and variance 1/rows (CPU).
+    """A seeded (rows, cols) projection matrix P with E[P^T P] = I (CPU).
 
     Args:
-        kind: ``"gaussian"`` or ``"rademacher"`` (+-1/sqrt(rows)).
+        kind: ``"gaussian"`` (i.i.d. N(0, 1/rows)), ``"rademacher"`` (+-1/sqrt(rows)) or
+            ``"orthogonal"`` (Haar-random orthonormal rows scaled by sqrt(cols/rows), rows <= cols:
+            same mean, lower variance; an exact isometry when rows == cols).
     """
     gen = torch.Generator().manual_seed(int(seed))
+    if kind == "orthogonal":
+        if rows > cols:
+            raise ValueError(f"an orthogonal projection needs rows <= cols; got {rows} > {cols}.")
+        q, r = torch.linalg.qr(torch.randn(cols, rows, generator=gen, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
+        return (q.T * math.sqrt(cols / rows)).to(dtype)
     if kind == "gaussian":
         m = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
     elif kind == "rademacher":
         m = torch.randint(0, 2, (rows, cols), generator=gen).to(torch.float64) * 2 - 1
     else:
-        raise ValueError(f"projection kind={kind!r}: use 'gaussian' or 'rademacher'.")
+        raise ValueError(f"projection kind={kind!r}: use 'gaussian', 'rademacher' or 'orthogonal'.")
     return (m / math.sqrt(rows)).to(dtype)
 
 
@@ -72,7 +80,9 @@ class KroneckerProjector:
     """LoGra projection of a Linear layer's per-sample gradient from its input and output-grad.
 
     The bias is folded in as a constant 1 appended to the input, so the projected vector covers
-    weight and bias together.
+    weight and bias together. The default factors have orthonormal rows: with i.i.d. Gaussian
+    factors the error of a product of two sqrt(k)-sized projections shrinks only like
+    1/sqrt(k_in) + 1/sqrt(k_out); orthogonal factors cut it markedly (measured in the tests).
 
     Args:
         d_out, d_in: layer sizes (d_in without the bias column); bias: whether it has one;
@@ -80,7 +90,7 @@ class KroneckerProjector:
     """
 
     def __init__(
-        self, d_out: int, d_in: int, bias: bool, k: int, seed: int, kind: str = "gaussian"
+        self, d_out: int, d_in: int, bias: bool, k: int, seed: int, kind: str = "orthogonal"
     ) -> None:
         self.bias = bias
         din = d_in + int(bias)

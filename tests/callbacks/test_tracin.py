@@ -218,12 +218,9 @@ def test_projected_1024_ranks_like_exact(projected_run):
     assert top_exact <= top_proj
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 5 target (Spearman >= 0.95 at k=1024 for scores) not reached by the Gaussian "
-    "Kronecker projection on this model: all-pairs scores 0.83-0.93 over seeds 0-7",
-)
 def test_projected_1024_reaches_issue_target(projected_run):
+    """Issue 5: k = 1024 ranks like exact (Spearman >= 0.95; orthogonal Kronecker factors —
+    Gaussian factors gave 0.83-0.93 for the scores over seeds 0-7)."""
     _, _, rho = projected_run
     assert rho["self"] >= 0.95 and rho["scores"] >= 0.95
 
