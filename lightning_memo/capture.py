@@ -30,6 +30,15 @@ def check_pooling(pooling: Pooling) -> Pooling:
     )
 
 
+def layers_key(layers: LayerSpec) -> str:
+    """A stable text form of a ``layers`` argument (for callback state keys): ``"net.3"`` and
+    ``["net.3"]`` give the same key; modules are named by their class."""
+    if layers is None:
+        return "None"
+    items = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    return str([x if isinstance(x, str) else type(x).__name__ for x in items])
+
+
 def resolve_layers(model: nn.Module, layers: LayerSpec) -> Dict[str, nn.Module]:
     """Map layer names, globs or modules to ``{name: module}`` in the order given.
 

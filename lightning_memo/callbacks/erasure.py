@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..capture import POOLINGS, LayerSpec, pool, resolve_layers
+from ..capture import POOLINGS, LayerSpec, layers_key, pool, resolve_layers
 from ..data import Accessor, make_accessor
 from ..distributed import gather_rows, gather_stats, world_size
 from ..leace import LeaceEraser, LeaceFitter
@@ -25,7 +25,7 @@ from .common import default_forward, sequential_loader
 __all__ = ["ConceptErasure"]
 
 WHEN = ("fit_start", "every_epoch", "fit_end")
-FIT_POOLINGS = ("all",) + POOLINGS
+FIT_POOLINGS = ("all",) + tuple(p for p in POOLINGS if p != "flatten")  # erasure acts on d
 
 
 class ConceptErasure(Callback):
@@ -126,11 +126,12 @@ class ConceptErasure(Callback):
         self._z: Optional[torch.Tensor] = None
         self._mask: Optional[torch.Tensor] = None
         self.metrics: Dict[str, float] = {}
+        self._fitted_at_end = False
 
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(layers=str(self.layers), when=self.when)
+        return self._generate_state_key(layers=layers_key(self.layers), when=self.when)
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -247,8 +248,9 @@ class ConceptErasure(Callback):
                 keep = mask.to(seq.device) != 0
             rows = seq[keep]
             zr = z.to(seq.device).repeat_interleave(keep.sum(dim=1), dim=0)
-        else:
-            rows, zr = pool(feats, self.pooling, mask), z
+        else:  # one row per sample; conv maps arrive channels-last as (B, H, W, C)
+            seq = feats.reshape(b, -1, feats.shape[-1]) if feats.ndim == 4 else feats
+            rows, zr = pool(seq, self.pooling, mask), z
         if not torch.isfinite(rows).all():
             bad = int((~torch.isfinite(rows).all(dim=1)).sum())
             raise ValueError(
@@ -291,8 +293,8 @@ class ConceptErasure(Callback):
             self._fit_pass(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.when == "fit_end":
-            self._fit_pass(trainer, pl_module)
+        if self.when == "fit_end" and not self._fitted_at_end:  # e.g. max_steps mid-epoch
+            self._fit_pass(trainer, pl_module, pl_log=False)
 
     # every_epoch: statistics from the training forward passes
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -313,6 +315,11 @@ class ConceptErasure(Callback):
         if self.when == "every_epoch":
             fitters, self._collect = self._collect, {}
             self._finish(trainer, pl_module, fitters)
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if self.when == "fit_end" and (last or trainer.should_stop):
+            # fitted before ModelCheckpoint saves this epoch, so checkpoints carry the erasers
+            self._fit_pass(trainer, pl_module)
+            self._fitted_at_end = True
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exc: BaseException
@@ -359,7 +366,7 @@ class ConceptErasure(Callback):
             return batch[self.mask_key]
         return None
 
-    def _fit_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _fit_pass(self, trainer: Trainer, pl_module: LightningModule, pl_log: bool = True) -> None:
         """No-grad passes over ``fit_on`` in eval mode: one per layer when ``sequential``."""
         from tqdm.auto import tqdm
 
@@ -391,7 +398,7 @@ class ConceptErasure(Callback):
                         forward(pl_module, batch)
                 fitters, self._collect = self._collect, {}
                 self._z = self._mask = None
-                self._finish(trainer, pl_module, fitters)
+                self._finish(trainer, pl_module, fitters, pl_log)
         finally:
             self._collect, self._z, self._mask = {}, None, None
             pl_module.train(was_training)
@@ -422,6 +429,7 @@ class ConceptErasure(Callback):
         trainer: Trainer,
         pl_module: LightningModule,
         fitters: Dict[str, Optional[LeaceFitter]],
+        pl_log: bool = True,
     ) -> None:
         """Merge ranks, solve, install, verify with probes, log and save."""
         epoch = trainer.current_epoch
@@ -449,7 +457,7 @@ class ConceptErasure(Callback):
             record["layers"][name] = info
         self.fitted_epoch = epoch
         self.history.append(record)
-        self._log(trainer, record)
+        self._log(trainer, pl_module, record, pl_log)
         if trainer.is_global_zero:
             self._save()
 
@@ -494,7 +502,11 @@ class ConceptErasure(Callback):
             out.update(probe_r2_before=probe_r2(x, z), probe_r2_after=probe_r2(erased, z))
         return out
 
-    def _log(self, trainer: Trainer, record: Dict[str, Any]) -> None:
+    def _log(
+        self, trainer: Trainer, pl_module: LightningModule, record: Dict[str, Any], pl_log: bool
+    ) -> None:
+        """Through ``pl_module.log`` (callback_metrics, monitorable) where Lightning allows it,
+        else (``on_train_end``) straight to the loggers."""
         metrics = {
             f"erasure/{name}/{key}": float(val)
             for name, info in record["layers"].items()
@@ -510,7 +522,10 @@ class ConceptErasure(Callback):
             )
         }
         self.metrics.update(metrics)
-        if trainer.is_global_zero:
+        if pl_log:
+            for key, val in metrics.items():
+                pl_module.log(key, val, on_epoch=True, logger=bool(trainer.loggers), sync_dist=True)
+        elif trainer.is_global_zero:
             for lg in trainer.loggers:
                 lg.log_metrics(metrics, step=trainer.global_step)
 

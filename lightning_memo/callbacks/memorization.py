@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-from ..capture import FeatureCapture, LayerSpec, Pooling, check_pooling
+from ..capture import FeatureCapture, LayerSpec, Pooling, check_pooling, layers_key
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, world_size
 from ..logging import (
@@ -169,7 +169,7 @@ class MemorizationMonitor(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            layers=str(self.layers), source=self.source, pooling=str(self.pooling)
+            layers=layers_key(self.layers), source=self.source, pooling=str(self.pooling)
         )
 
     @property

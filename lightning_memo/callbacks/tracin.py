@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..capture import resolve_layers
+from ..capture import layers_key, resolve_layers
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, world_size
 from ..influence.features import GradientFeaturizer
@@ -146,7 +146,7 @@ class TracIn(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            layers=str(self.layers), mode=self.mode, projection_dim=self.projection_dim
+            layers=layers_key(self.layers), mode=self.mode, projection_dim=self.projection_dim
         )
 
     def state_dict(self) -> Dict[str, Any]:

@@ -294,7 +294,7 @@ def test_fit_end_leaves_training_alone_and_erases_test_and_predict(tmp_path):
         want = model.net[2:](ref(raw))
         unerased = model(x)  # teardown removed the hooks
     _assert_same_eraser(cb.erasers["net.1"], ref, 1e-6)
-    assert cb.history[0]["epoch"] == tr.current_epoch == 2  # after the last (2nd) epoch
+    assert cb.history[0]["epoch"] == tr.current_epoch - 1 == 1  # at the end of the last epoch
     assert not model.net[1]._forward_hooks
     preds = torch.cat(tr.predict(model, make_loader()))
     torch.testing.assert_close(preds, want, rtol=0, atol=1e-5)
@@ -690,3 +690,19 @@ def test_bad_arguments(kwargs, match):
     kwargs = {"layers": ["net.1"], **kwargs}
     with pytest.raises(ValueError, match=match):
         ConceptErasure(**kwargs)
+
+
+def test_fit_end_erasers_are_in_the_model_checkpoint(tmp_path):
+    """fit_end fits at the end of the last epoch, before ModelCheckpoint saves it."""
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    cb = ConceptErasure(layers=["net.3"], when="fit_end", probe=False)
+    L.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, [cb, ckpt], max_epochs=2, enable_checkpointing=True)
+    tr.fit(TinyMLP(), make_loader())
+    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
+    saved = state["erasers"]["net.3"]
+    torch.testing.assert_close(saved["left"], cb.erasers["net.3"].left.cpu())
+    again = ConceptErasure.from_checkpoint(
+        str(tmp_path / "ck" / "last.ckpt"), layers="net.3", when="fit_end"
+    )  # "net.3" and ["net.3"] name the same state
+    assert set(again.erasers) == {"net.3"}
