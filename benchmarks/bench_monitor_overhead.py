@@ -1,26 +1,39 @@
 """Overhead of ``MemorizationMonitor`` on Lightning ``trainer.fit``: monitor vs no monitor.
 
-Benchmark model (the "representative" case of the issue; all sizes are flags):
+Two benchmark models (``--model``, default both; all sizes are flags):
 
-* data: synthetic Gaussian class clusters, N = 20,000 samples, input dim 256, 10 classes
-  (``TensorDataset`` wrapped in ``IndexedDataset``; ``DataLoader`` batch 128, shuffled,
-  ``num_workers=0``, so 157 steps per epoch);
-* model: MLP ``256 -> 512 -> ReLU -> 512 -> ReLU -> 10``, cross-entropy, Adam (lr 1e-3), 3 epochs;
-* monitor: one hidden layer, ``net.3`` (output of the second ReLU, d = 512), evaluated at every
-  epoch (``every_n_epochs=1``), ``n_estimators=2000`` (the monitor's default), ``progress=False``;
-  also ``n_estimators=500`` for context;
-* Trainer: ``accelerator="cpu"``, ``devices=1``, ``logger=False`` by default (``--logger tb``: a
-  ``TensorBoardLogger`` in a temporary folder, which adds the monitor's histograms and text table),
-  ``enable_progress_bar=False``, ``enable_checkpointing=False``, ``enable_model_summary=False``;
-  ``default_root_dir`` is a temporary folder, so the monitor's CSV/JSON files are written there
-  (their cost is part of the measured overhead, as in real use).
+* ``transformer``, *representative: small transformer fine-tune*: synthetic token sequences,
+  N = 6,000, vocabulary 1000, length 32, 10 classes (each class draws part of its tokens from its
+  own small set of preferred tokens; 5 % of labels flipped), dict items ``{"input_ids",
+  "attention_mask" (all ones), "label"}`` in ``IndexedDataset``; token embedding (1000, 128) +
+  learned positions, ``nn.TransformerEncoder`` (2 layers, d_model 128, 4 heads, feed-forward 512,
+  dropout 0, ``batch_first``), masked mean pool, ``Linear(128, 10)``; batch 64 (94 steps per
+  epoch, about 6 s per epoch with one torch thread on the 2-core dev machine). Monitor layer
+  ``encoder`` (output ``(B, 32, 128)``, ``pooling="mean"`` with the attention mask, d = 128).
+  Training a sample costs far more than scoring its pooled features, as when fine-tuning a
+  transformer, the tool's main use.
+* ``mlp``, *worst case: tiny MLP*: synthetic Gaussian class clusters, N = 20,000, input dim 256,
+  10 classes (5 % of labels flipped), ``TensorDataset`` in ``IndexedDataset``; MLP
+  ``256 -> 512 -> ReLU -> 512 -> ReLU -> 10``; batch 128 (157 steps per epoch). Monitor layer
+  ``net.3`` (output of the second ReLU, d = 512). One training epoch costs about as much as one
+  PSMI evaluation, so the overhead ratio is as bad as it gets.
 
-Protocol: one untimed warm-up (a baseline fit and two monitor fits of one epoch), then
+Common to both: cross-entropy, Adam (lr 1e-3), 3 epochs, ``DataLoader`` shuffled with
+``num_workers=0``; monitor evaluated at every epoch (``every_n_epochs=1``), ``n_estimators=2000``
+(the monitor's default; also 500 for context), ``progress=False``; Trainer
+``accelerator="cpu"``, ``devices=1``, ``logger=False`` by default (``--logger tb``: a
+``TensorBoardLogger`` in a temporary folder, which adds the monitor's histograms and text table),
+``enable_progress_bar=False``, ``enable_checkpointing=False``, ``enable_model_summary=False``;
+``default_root_dir`` is a temporary folder, so the monitor's CSV/JSON files are written there
+(their cost is part of the measured overhead, as in real use).
+
+Protocol (per model): one untimed warm-up (a baseline fit and two monitor fits of one epoch), then
 ``--repeats`` rounds; each round runs, for every monitor configuration, a baseline fit immediately
 followed by the monitor fit (so baseline and monitor runs alternate and each monitor run has a
 paired baseline next to it in time). Every fit starts from ``seed_everything(seed)``, the same
 initial weights and the same data order. Reported: median ``trainer.fit`` seconds, seconds per
-epoch, ratio = median(monitor) / median(all baseline fits), and the range of the paired ratios.
+epoch, ratio = median(monitor) / median(all baseline fits), the range of the paired ratios, the
+ratio of minima and the CPU-time ratio.
 
 Breakdown of each monitor configuration (medians over repeats, seconds per fit):
 
@@ -36,13 +49,13 @@ Breakdown of each monitor configuration (medians over repeats, seconds per fit):
   callback dispatch, the forward-hook call itself, cache effects, and noise).
 
 A standalone ``lightning_memo.PSMI(n_estimators=m, return_full=False).fit_transform`` on the
-``(N, 512)`` features captured at the last epoch is timed too (``PSMI alone``).
+``(N, d)`` features captured at the last epoch is timed too (``PSMI alone``).
 
 Usage::
 
-    python benchmarks/bench_monitor_overhead.py              # full run, writes the markdown file
-    python benchmarks/bench_monitor_overhead.py --quick      # < 30 s smoke run, prints only
-    python benchmarks/bench_monitor_overhead.py --repeats 5 --threads 2 --logger tb
+    python benchmarks/bench_monitor_overhead.py              # full run (both models), writes .md
+    python benchmarks/bench_monitor_overhead.py --quick      # < 60 s smoke run, prints only
+    python benchmarks/bench_monitor_overhead.py --model transformer --repeats 5 --threads 2
 
 Issue targets (every_n_epochs=1): ratio <= 1.10 for ``source="train"``, <= 1.40 for
 ``source="eval"``.
@@ -62,21 +75,44 @@ import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_memo import PSMI, IndexedDataset, MemorizationMonitor
 
 TARGETS = {"train": 1.10, "eval": 1.40}
-LAYER = "net.3"
+FLIP = 0.05  # fraction of labels replaced by a random class (something to memorize)
 
 
-# ---------------------------------------------------------------------------------------- model
+# ---------------------------------------------------------------------------------------- sizes
+@dataclass
+class Sizes:
+    """Benchmark sizes of one model (full run or ``--quick``)."""
+
+    n: int
+    n_classes: int
+    hidden: int  # MLP hidden width / transformer d_model: the monitored feature dim d
+    batch: int
+    epochs: int
+    estimators: Tuple[int, int]  # (main, context)
+    in_dim: int = 0  # MLP input dim
+    vocab: int = 0  # transformer: vocabulary, sequence length, layers, heads, feed-forward width
+    seq_len: int = 0
+    n_layers: int = 0
+    heads: int = 0
+    ff: int = 0
+
+    @property
+    def steps(self) -> int:
+        return -(-self.n // self.batch)
+
+
+# ---------------------------------------------------------------------------------------- MLP
 class BenchMLP(L.LightningModule):
     """MLP ``in_dim -> hidden -> ReLU -> hidden -> ReLU -> n_classes`` trained with Adam."""
 
@@ -103,40 +139,194 @@ class BenchMLP(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-def make_dataset(n: int, in_dim: int, n_classes: int, seed: int) -> IndexedDataset:
-    """Gaussian clusters: x = mu_y + noise, with 5 % of the labels flipped (something to memorize).
+def _flip_labels(y: torch.Tensor, n_classes: int, g: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(y.shape[0], generator=g) < FLIP
+    return torch.where(flip, torch.randint(0, n_classes, y.shape, generator=g), y)
+
+
+def make_mlp_dataset(sizes: Sizes, seed: int) -> IndexedDataset:
+    """Gaussian clusters: x = mu_y + noise, with 5 % of the labels flipped.
 
     Returns:
         dataset of ``(x: (in_dim,), y: (), index: int)`` items.
     """
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(n_classes, in_dim, generator=g)
-    y = torch.randint(0, n_classes, (n,), generator=g)
-    x = centres[y] * 0.5 + torch.randn(n, in_dim, generator=g)
-    flip = torch.rand(n, generator=g) < 0.05
-    y = torch.where(flip, torch.randint(0, n_classes, (n,), generator=g), y)
-    return IndexedDataset(TensorDataset(x, y))
+    centres = torch.randn(sizes.n_classes, sizes.in_dim, generator=g)
+    y = torch.randint(0, sizes.n_classes, (sizes.n,), generator=g)
+    x = centres[y] * 0.5 + torch.randn(sizes.n, sizes.in_dim, generator=g)
+    return IndexedDataset(TensorDataset(x, _flip_labels(y, sizes.n_classes, g)))
 
 
-@dataclass
-class Sizes:
-    """Benchmark sizes (full run or ``--quick``)."""
+def describe_mlp(s: Sizes) -> str:
+    return (
+        f"Synthetic Gaussian class clusters, N = {s.n:,} samples, input dim {s.in_dim}, "
+        f"{s.n_classes} classes ({FLIP:.0%} of labels flipped), tuple batches "
+        f"(`TensorDataset` in `IndexedDataset`). MLP {s.in_dim}-{s.hidden}-ReLU-{s.hidden}-ReLU-"
+        f"{s.n_classes}, cross-entropy, Adam (lr 1e-3), batch {s.batch} ({s.steps} steps per "
+        f"epoch), {s.epochs} epochs. Monitor layer `net.3` (second ReLU, d = {s.hidden}). One "
+        "training epoch of this model costs about as much as one PSMI evaluation of its features, "
+        "so this is the worst case for the overhead ratio, not what the tool is used on."
+    )
 
-    n: int
-    in_dim: int
-    hidden: int
-    n_classes: int
-    batch: int
-    epochs: int
-    estimators: Tuple[int, int]  # (main, context)
+
+# --------------------------------------------------------------------------------- transformer
+PREFERRED = 20  # preferred tokens per class
+P_PREFERRED = 0.15  # probability that a position draws from its class's preferred tokens
 
 
-FULL = Sizes(
-    n=20_000, in_dim=256, hidden=512, n_classes=10, batch=128, epochs=3, estimators=(2000, 500)
-)
-QUICK = Sizes(
-    n=1_024, in_dim=32, hidden=64, n_classes=10, batch=128, epochs=2, estimators=(200, 50)
-)
+class TokenDataset(Dataset):
+    """Dict items ``{"input_ids": (T,) int64, "attention_mask": (T,) ones, "label": ()}``."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+        self.mask = torch.ones(ids.shape[1], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask, "label": self.labels[i]}
+
+
+def make_token_dataset(sizes: Sizes, seed: int) -> IndexedDataset:
+    """Token sequences: each position draws, with probability ``P_PREFERRED``, one of its class's
+    ``PREFERRED`` tokens, otherwise a uniform token; 5 % of the labels flipped.
+
+    Returns:
+        dataset of dict items (see :class:`TokenDataset`) plus ``"index"``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n, t, c, v = sizes.n, sizes.seq_len, sizes.n_classes, sizes.vocab
+    preferred = torch.stack([torch.randperm(v, generator=g)[:PREFERRED] for _ in range(c)])
+    y = torch.randint(0, c, (n,), generator=g)
+    pick = torch.randint(0, PREFERRED, (n, t), generator=g)
+    own = preferred[y[:, None], pick]  # (n, t)
+    uniform = torch.randint(0, v, (n, t), generator=g)
+    ids = torch.where(torch.rand(n, t, generator=g) < P_PREFERRED, own, uniform)
+    return IndexedDataset(TokenDataset(ids, _flip_labels(y, c, g)))
+
+
+class BenchTransformer(L.LightningModule):
+    """Token + learned position embeddings, ``nn.TransformerEncoder``, masked mean pool, linear."""
+
+    def __init__(self, s: Sizes, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.lr = lr
+        self.embed = nn.Embedding(s.vocab, s.hidden)
+        self.pos = nn.Embedding(s.seq_len, s.hidden)
+        layer = nn.TransformerEncoderLayer(
+            s.hidden, s.heads, dim_feedforward=s.ff, dropout=0.0, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, s.n_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(s.hidden, s.n_classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T) -> logits (B, n_classes)."""
+        t = input_ids.shape[1]
+        h = self.embed(input_ids) + self.pos(torch.arange(t, device=input_ids.device))
+        h = self.encoder(h, src_key_padding_mask=attention_mask == 0)  # (B, T, d)
+        w = attention_mask.to(h.dtype).unsqueeze(-1)
+        return self.head((h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1))
+
+    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits, batch["label"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def describe_transformer(s: Sizes) -> str:
+    return (
+        f"Synthetic token sequences, N = {s.n:,} samples, vocabulary {s.vocab}, length "
+        f"{s.seq_len}, {s.n_classes} classes (each position draws with probability "
+        f"{P_PREFERRED:.2f} one of its class's {PREFERRED} preferred tokens, otherwise a uniform "
+        f"token; {FLIP:.0%} of labels flipped), dict batches `input_ids`, `attention_mask` (all "
+        "ones), `label`, `index` (dict items in `IndexedDataset`). Model: token embedding "
+        f"({s.vocab}, {s.hidden}) + learned positions, `nn.TransformerEncoder` ({s.n_layers} "
+        f"layers, d_model {s.hidden}, {s.heads} heads, feed-forward {s.ff}, dropout 0, "
+        f"`batch_first`), mean pool over the attention mask, linear {s.hidden} -> {s.n_classes}; "
+        f"cross-entropy, Adam (lr 1e-3), batch {s.batch} ({s.steps} steps per epoch), "
+        f"{s.epochs} epochs, from random initialisation (a stand-in for a fine-tune: what matters "
+        "here is that training a sample costs far more than scoring its pooled features). Monitor "
+        f"layer `encoder` (output (B, {s.seq_len}, {s.hidden}), `pooling='mean'` with the "
+        f"attention mask, d = {s.hidden}); the `eval` pass uses the monitor's default forward "
+        "`module(input_ids=..., attention_mask=...)`."
+    )
+
+
+# ---------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark model: sizes, data, model, monitored layer and its description."""
+
+    key: str
+    title: str
+    layer: str
+    full: Sizes
+    quick: Sizes
+    make_data: Callable[[Sizes, int], IndexedDataset]
+    make_model: Callable[[Sizes], L.LightningModule]
+    describe: Callable[[Sizes], str]
+
+
+BENCHES = {
+    "transformer": Bench(
+        key="transformer",
+        title="Representative: small transformer fine-tune",
+        layer="encoder",
+        full=Sizes(
+            n=6_000,
+            n_classes=10,
+            hidden=128,
+            batch=64,
+            epochs=3,
+            estimators=(2000, 500),
+            vocab=1000,
+            seq_len=32,
+            n_layers=2,
+            heads=4,
+            ff=512,
+        ),
+        quick=Sizes(
+            n=256,
+            n_classes=10,
+            hidden=32,
+            batch=64,
+            epochs=2,
+            estimators=(200, 50),
+            vocab=1000,
+            seq_len=16,
+            n_layers=2,
+            heads=4,
+            ff=64,
+        ),
+        make_data=make_token_dataset,
+        make_model=BenchTransformer,
+        describe=describe_transformer,
+    ),
+    "mlp": Bench(
+        key="mlp",
+        title="Worst case: tiny MLP",
+        layer="net.3",
+        full=Sizes(
+            n=20_000,
+            n_classes=10,
+            hidden=512,
+            batch=128,
+            epochs=3,
+            estimators=(2000, 500),
+            in_dim=256,
+        ),
+        quick=Sizes(
+            n=512, n_classes=10, hidden=64, batch=128, epochs=2, estimators=(200, 50), in_dim=32
+        ),
+        make_data=make_mlp_dataset,
+        make_model=lambda s: BenchMLP(s.in_dim, s.hidden, s.n_classes),
+        describe=describe_mlp,
+    ),
+}
+ORDER = ("transformer", "mlp")  # report order: representative first
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -202,8 +392,21 @@ class Config:
     parts: List[Dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class Result:
+    """Measurements of one benchmark model."""
+
+    bench: Bench
+    sizes: Sizes
+    configs: List[Config]
+    psmi_alone: Dict[int, float]
+    feat_shape: Tuple[int, int]
+    wall: float
+
+
 def fit_once(
     ds: IndexedDataset,
+    bench: Bench,
     sizes: Sizes,
     source: Optional[str],
     n_estimators: int,
@@ -214,7 +417,7 @@ def fit_once(
     """One ``trainer.fit``; returns its wall seconds, its process CPU seconds (all threads) and
     the monitor (``None`` for the baseline)."""
     L.seed_everything(seed, verbose=False)
-    model = BenchMLP(sizes.in_dim, sizes.hidden, sizes.n_classes)
+    model = bench.make_model(sizes)
     loader = DataLoader(
         ds, batch_size=sizes.batch, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
@@ -223,8 +426,9 @@ def fit_once(
         monitor = None
         if source is not None:
             monitor = TimedMonitor(
-                layers=[LAYER],
+                layers=[bench.layer],
                 source=source,
+                pooling="mean",
                 every_n_epochs=1,
                 n_estimators=n_estimators,
                 seed=seed,
@@ -261,6 +465,60 @@ def time_psmi_alone(feats: torch.Tensor, labels: torch.Tensor, m: int, repeats: 
         est.fit_transform(feats, labels)
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
+
+
+def run_bench(bench: Bench, sizes: Sizes, args: argparse.Namespace) -> Result:
+    """Warm-up, ``args.repeats`` alternating rounds and the standalone PSMI timing of one model."""
+    t_start = time.perf_counter()
+    ds = bench.make_data(sizes, args.seed)
+    m_main, m_ctx = sizes.estimators
+    configs = [Config("baseline (no monitor)")]
+    for m in (m_main, m_ctx):
+        for src in ("train", "eval"):
+            configs.append(Config(f'source="{src}", n_estimators={m}', src, m))
+
+    def fit(source: Optional[str], m: int, epochs: int) -> Tuple[float, float, Any]:
+        return fit_once(ds, bench, sizes, source, m, args.logger, epochs, args.seed)
+
+    print(f"[{bench.key}] warm-up ({sizes.n} samples, 1 epoch) ...", flush=True)
+    fit(None, 0, 1)
+    fit("train", m_ctx, 1)
+    fit("eval", m_ctx, 1)
+
+    feats = labels = None
+    for r in range(args.repeats):
+        for c in configs[1:]:
+            tb, cb, _ = fit(None, 0, sizes.epochs)
+            configs[0].times.append(tb)
+            configs[0].cpu.append(cb)
+            tm, cm, mon = fit(c.source, c.n_estimators, sizes.epochs)
+            c.times.append(tm)
+            c.cpu.append(cm)
+            c.paired.append(tb)
+            c.parts.append(dict(mon.timings))
+            print(
+                f"[{bench.key}] round {r + 1}/{args.repeats}: baseline {tb:6.2f} s | "
+                f"{c.name:<34} {tm:6.2f} s (x{tm / tb:.2f}; epoch_end "
+                f"{mon.timings['epoch_end']:.2f} s, PSMI {mon.timings['psmi']:.2f} s)",
+                flush=True,
+            )
+            if feats is None and mon.capture is not None and bench.layer in mon.capture.buffers:
+                seen = mon.capture.seen[bench.layer]
+                feats = mon.capture.buffers[bench.layer][seen].clone()
+                labels = mon._labels[seen].clone()
+
+    if feats is None:  # fall back to synthetic ReLU features
+        feats = torch.randn(sizes.n, sizes.hidden).relu_()
+        labels = torch.randint(0, sizes.n_classes, (sizes.n,))
+    psmi_alone = {m: time_psmi_alone(feats, labels, m, args.repeats) for m in (m_main, m_ctx)}
+    for m, s in psmi_alone.items():
+        print(
+            f"[{bench.key}] PSMI alone on {tuple(feats.shape)}, n_estimators={m}: {s:.2f} s per "
+            "call",
+            flush=True,
+        )
+    shape = (int(feats.shape[0]), int(feats.shape[1]))
+    return Result(bench, sizes, configs, psmi_alone, shape, time.perf_counter() - t_start)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -301,54 +559,72 @@ def _med(xs: List[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def build_report(
-    configs: List[Config],
-    psmi_alone: Dict[int, float],
-    sizes: Sizes,
-    args: argparse.Namespace,
-    info: Dict[str, str],
-    wall: float,
-) -> str:
-    base = configs[0]
-    b_med = _med(base.times)
-    lines = []
-    bc_med = _med(base.cpu)
-    b_min = min(base.times)
-    lines.append(
+def _verdict(res: Result, c: Config, quick: bool) -> str:
+    """Target verdict of a monitor configuration at the main ``n_estimators``, else "(context)"."""
+    if c.n_estimators != res.sizes.estimators[0]:
+        return "(context)"
+    target = TARGETS[c.source]
+    ratio = _med(c.times) / _med(res.configs[0].times)
+    verdict = f"<= {target:.2f}: {'met' if ratio <= target else '**missed**'}"
+    if quick:
+        verdict += " (quick sizes: not the issue's model)"
+    return verdict
+
+
+def summary_table(results: List[Result], quick: bool) -> str:
+    """One row per model and monitor configuration at the main ``n_estimators``."""
+    lines = [
+        "| model | configuration | s / epoch (baseline) | ratio | paired ratios | CPU-time ratio "
+        "| target |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for res in results:
+        base = res.configs[0]
+        b_epoch = _med(base.times) / res.sizes.epochs
+        for c in res.configs[1:]:
+            if c.n_estimators != res.sizes.estimators[0]:
+                continue
+            pr = [t / p for t, p in zip(c.times, c.paired)]
+            lines.append(
+                f"| {res.bench.key} ({res.bench.title.split(':')[0].lower()}) | {c.name} | "
+                f"{b_epoch:.2f} | {_med(c.times) / _med(base.times):.2f} | "
+                f"{min(pr):.2f}-{max(pr):.2f} | {_med(c.cpu) / _med(base.cpu):.2f} | "
+                f"{_verdict(res, c, quick)} |"
+            )
+    return "\n".join(lines)
+
+
+def fit_table(res: Result, quick: bool) -> str:
+    base, sizes = res.configs[0], res.sizes
+    b_med, bc_med, b_min = _med(base.times), _med(base.cpu), min(base.times)
+    lines = [
         "| configuration | fit s (median) | s / epoch | ratio | paired ratios | ratio of minima "
-        "| CPU-time ratio | target |"
-    )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
-    for c in configs:
+        "| CPU-time ratio | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in res.configs:
         med = _med(c.times)
         if c.source is None:
             lines.append(
                 f"| {c.name} | {med:.2f} | {med / sizes.epochs:.2f} | 1.00 | - | 1.00 | 1.00 | - |"
             )
             continue
-        ratio = med / b_med
-        cpu_ratio = _med(c.cpu) / bc_med
         pr = [t / p for t, p in zip(c.times, c.paired)]
-        target = TARGETS[c.source]
-        if c.n_estimators == sizes.estimators[0]:
-            verdict = f"<= {target:.2f}: {'met' if ratio <= target else '**missed**'}"
-            if args.quick:
-                verdict += " (quick sizes: not the issue's model)"
-        else:
-            verdict = "(context)"
         lines.append(
-            f"| {c.name} | {med:.2f} | {med / sizes.epochs:.2f} | {ratio:.2f} | "
-            f"{min(pr):.2f}-{max(pr):.2f} | {min(c.times) / b_min:.2f} | {cpu_ratio:.2f} | "
-            f"{verdict} |"
+            f"| {c.name} | {med:.2f} | {med / sizes.epochs:.2f} | {med / b_med:.2f} | "
+            f"{min(pr):.2f}-{max(pr):.2f} | {min(c.times) / b_min:.2f} | "
+            f"{_med(c.cpu) / bc_med:.2f} | {_verdict(res, c, quick)} |"
         )
-    table = "\n".join(lines)
+    return "\n".join(lines)
 
+
+def breakdown_table(res: Result) -> str:
     rows = [
         "| configuration | overhead | epoch_end | eval pass | PSMI | files | rest of epoch_end | "
         "hooks | unaccounted | PSMI alone |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in configs[1:]:
+    for c in res.configs[1:]:
         over = _med([t - p for t, p in zip(c.times, c.paired)])
         ee = _med([p["epoch_end"] for p in c.parts])
         ev = _med([p["eval"] for p in c.parts])
@@ -359,93 +635,17 @@ def build_report(
         left = _med(
             [t - p - q["epoch_end"] - q["hooks"] for t, p, q in zip(c.times, c.paired, c.parts)]
         )
-        alone = psmi_alone.get(c.n_estimators, float("nan")) * sizes.epochs
+        alone = res.psmi_alone.get(c.n_estimators, float("nan")) * res.sizes.epochs
         rows.append(
             f"| {c.name} | {over:.2f} | {ee:.2f} | {ev:.2f} | {ps:.2f} | {fi:.2f} | {rest:.2f} | "
             f"{hk:.2f} | {left:.2f} | {alone:.2f} |"
         )
-    breakdown = "\n".join(rows)
-
-    per_epoch = ", ".join(
-        f"n_estimators={m}: {s:.2f} s" for m, s in sorted(psmi_alone.items(), reverse=True)
-    )
-    logger = "`logger=False`" if args.logger == "none" else "a `TensorBoardLogger` in a temp folder"
-    cmd = " ".join(["python", "benchmarks/bench_monitor_overhead.py", *sys.argv[1:]])
-    steps = -(-sizes.n // sizes.batch)
-    m_main, m_ctx = sizes.estimators
-    default_note = (
-        "the monitor default" if m_main == 2000 else "quick stand-in for the default 2000"
-    )
-    paras = [
-        "# MemorizationMonitor overhead on `trainer.fit`",
-        f"Generated by `{cmd}` ({'quick smoke sizes' if args.quick else 'full sizes'}); wall "
-        f"time of the whole benchmark {wall:.0f} s."
-        + (f" **Warning:** {info['busy']}." if info["busy"] else ""),
-        f"**Benchmark model.** Synthetic Gaussian class clusters, N = {sizes.n:,} samples, input "
-        f"dim {sizes.in_dim}, {sizes.n_classes} classes (5 % of labels flipped). MLP "
-        f"{sizes.in_dim}-{sizes.hidden}-ReLU-{sizes.hidden}-ReLU-{sizes.n_classes}, "
-        f"cross-entropy, Adam (lr 1e-3), batch {sizes.batch} ({steps} steps per epoch), "
-        f"{sizes.epochs} epochs, `num_workers=0`. Monitor: layer `{LAYER}` (second ReLU, "
-        f"d = {sizes.hidden}), `every_n_epochs=1`, `progress=False`, seed 0, other arguments "
-        f"default. Trainer: `accelerator='cpu'`, `devices=1`, {logger}, "
-        "`enable_progress_bar=False`, `enable_checkpointing=False`, "
-        "`enable_model_summary=False`; the monitor writes its CSV/JSON files under a temporary "
-        "`default_root_dir` (included in the times).",
-        "**Protocol.** Untimed warm-up (one baseline fit and two monitor fits of one epoch), then "
-        f"{args.repeats} round(s); in each round every monitor fit directly follows its own "
-        "baseline fit (alternating). Same seed, initial weights and data order in every fit. "
-        f"*ratio* = median monitor fit / median of all {len(base.times)} baseline fits (wall "
-        "time); *paired ratios* = range of (monitor fit / the baseline fit just before it); "
-        "*ratio of minima* = fastest monitor fit / fastest baseline fit (robust to load "
-        "spikes); "
-        "*CPU-time ratio* = the same ratio of medians with process CPU time (all threads), less "
-        "sensitive to other load on the machine. Issue targets: "
-        f"<= {TARGETS['train']:.2f}x for `source='train'`, <= {TARGETS['eval']:.2f}x for "
-        f"`source='eval'`, at `n_estimators={m_main}` ({default_note}); "
-        f"`n_estimators={m_ctx}` is context.",
-        "## Fit time",
-        table,
-        f"## Where the overhead goes (seconds per fit, {sizes.epochs} evaluated epochs, medians)",
-        breakdown,
-        "*overhead* = monitor fit - paired baseline fit. *epoch_end* = time inside the "
-        "monitor's `on_train_epoch_end` (all epochs), split into *eval pass* (the extra no-grad "
-        "pass of `source='eval'`), *PSMI* (`_score_layer`: masks and `PSMI.fit_transform`), "
-        "*files* (`epoch_<E>.csv`, `flagged.csv`, `history.json`) and the *rest* (gathers, "
-        "flags, `log`). *hooks* = measured time of the monitor's training-loop work "
-        "(`on_train_start`, `on_train_epoch_start`, `on_train_batch_start/end` with the index "
-        "and label reads, the logits hook computing per-sample loss and margin, and for "
-        "`source='train'` the feature-buffer writes of the layer hooks). *unaccounted* = "
-        "overhead - epoch_end - hooks (callback dispatch, cache effects and noise: a "
-        "difference of two fits, so it can be negative). *PSMI alone* = "
-        "standalone `PSMI(n_estimators=m,return_full=False).fit_transform` on the "
-        f"({sizes.n}, {sizes.hidden}) features captured at the last epoch, times {sizes.epochs} "
-        f"epochs (per call: {per_epoch}).",
-        "## Reading",
-        *summary_lines(configs, psmi_alone, sizes),
-        "## Machine",
-        "\n".join(
-            [
-                f"- date: {info['date']}",
-                f"- CPU: {info['cpu']}",
-                f"- Python {info['python']}, torch {info['torch']}, lightning {info['lightning']}",
-                f"- threads: {info['threads']}",
-                f"- {info['load']}",
-            ]
-        ),
-    ]
-    md = "\n\n".join(_wrap(p) for p in paras) + "\n"
-    return md
+    return "\n".join(rows)
 
 
-def _wrap(paragraph: str) -> str:
-    """Wrap prose paragraphs at 100 columns; headings, tables and lists stay as they are."""
-    if paragraph.startswith(("#", "|", "- ")):
-        return paragraph
-    return textwrap.fill(paragraph, width=100, break_long_words=False, break_on_hyphens=False)
-
-
-def summary_lines(configs: List[Config], psmi_alone: Dict[int, float], sizes: Sizes) -> List[str]:
+def summary_lines(res: Result) -> List[str]:
     """One generated paragraph per monitor configuration: verdict and dominant part."""
+    configs, sizes = res.configs, res.sizes
     b_med = _med(configs[0].times)
     b_epoch = b_med / sizes.epochs
     out = [
@@ -455,7 +655,7 @@ def summary_lines(configs: List[Config], psmi_alone: Dict[int, float], sizes: Si
         + "PSMI alone takes "
         + ", ".join(
             f"{s:.2f} s per epoch at n_estimators={m}"
-            for m, s in sorted(psmi_alone.items(), reverse=True)
+            for m, s in sorted(res.psmi_alone.items(), reverse=True)
         )
         + "."
     ]
@@ -478,16 +678,119 @@ def summary_lines(configs: List[Config], psmi_alone: Dict[int, float], sizes: Si
     return out
 
 
+def model_section(res: Result, quick: bool) -> List[str]:
+    """Paragraphs of one model: description, fit-time table, breakdown, reading."""
+    sizes = res.sizes
+    per_call = ", ".join(
+        f"n_estimators={m}: {s:.2f} s" for m, s in sorted(res.psmi_alone.items(), reverse=True)
+    )
+    return [
+        f"## {res.bench.title}",
+        f"**Benchmark model (`--model {res.bench.key}`).** {res.bench.describe(sizes)} Wall time "
+        f"of this part {res.wall:.0f} s.",
+        "### Fit time",
+        fit_table(res, quick),
+        f"### Where the overhead goes (seconds per fit, {sizes.epochs} evaluated epochs, medians)",
+        breakdown_table(res),
+        f"*PSMI alone* here: on the {res.feat_shape} features captured at the last epoch, times "
+        f"{sizes.epochs} epochs (per call: {per_call}).",
+        "### Reading",
+        *summary_lines(res),
+    ]
+
+
+def build_report(
+    results: List[Result], args: argparse.Namespace, info: Dict[str, str], wall: float
+) -> str:
+    logger = "`logger=False`" if args.logger == "none" else "a `TensorBoardLogger` in a temp folder"
+    cmd = " ".join(["python", "benchmarks/bench_monitor_overhead.py", *sys.argv[1:]])
+    m_main, m_ctx = results[0].sizes.estimators
+    default_note = (
+        "the monitor default" if m_main == 2000 else "quick stand-in for the default 2000"
+    )
+    names = " and ".join(f"*{r.bench.title[0].lower()}{r.bench.title[1:]}*" for r in results)
+    paras = [
+        "# MemorizationMonitor overhead on `trainer.fit`",
+        f"Generated by `{cmd}` ({'quick smoke sizes' if args.quick else 'full sizes'}); wall "
+        f"time of the whole benchmark {wall:.0f} s."
+        + (f" **Warning:** {info['busy']}." if info["busy"] else ""),
+        f"**Models.** {names} (section{'s' if len(results) > 1 else ''} below). The overhead "
+        "ratio depends on how much a training step costs next to scoring the pooled features of "
+        "its samples: the small transformer stands for the tool's use (fine-tuning transformers, "
+        "where training a sample costs far more than scoring it); the tiny MLP, whose training "
+        "epoch costs about as much as one PSMI evaluation, bounds the ratio from above.",
+        "**Common settings.** Cross-entropy, Adam (lr 1e-3), shuffled `DataLoader` with "
+        "`num_workers=0`. Monitor: one layer, `every_n_epochs=1`, `progress=False`, seed 0, other "
+        f"arguments default. Trainer: `accelerator='cpu'`, `devices=1`, {logger}, "
+        "`enable_progress_bar=False`, `enable_checkpointing=False`, "
+        "`enable_model_summary=False`; the monitor writes its CSV/JSON files under a temporary "
+        "`default_root_dir` (included in the times).",
+        "**Protocol (per model).** Untimed warm-up (one baseline fit and two monitor fits of one "
+        f"epoch), then {args.repeats} round(s); in each round every monitor fit directly follows "
+        "its own baseline fit (alternating). Same seed, initial weights and data order in every "
+        "fit. *ratio* = median monitor fit / median of all baseline fits of that model (wall "
+        "time); *paired ratios* = range of (monitor fit / the baseline fit just before it); "
+        "*ratio of minima* = fastest monitor fit / fastest baseline fit (robust to load "
+        "spikes); *CPU-time ratio* = the same ratio of medians with process CPU time (all "
+        "threads), less sensitive to other load on the machine. Issue targets: "
+        f"<= {TARGETS['train']:.2f}x for `source='train'`, <= {TARGETS['eval']:.2f}x for "
+        f"`source='eval'`, at `n_estimators={m_main}` ({default_note}); "
+        f"`n_estimators={m_ctx}` is context.",
+        "**Breakdown columns.** *overhead* = monitor fit - paired baseline fit. *epoch_end* = time "
+        "inside the monitor's `on_train_epoch_end` (all epochs), split into *eval pass* (the "
+        "extra no-grad pass of `source='eval'`), *PSMI* (`_score_layer`: masks and "
+        "`PSMI.fit_transform`), *files* (`epoch_<E>.csv`, `flagged.csv`, `history.json`) and the "
+        "*rest* (gathers, flags, `log`). *hooks* = measured time of the monitor's training-loop "
+        "work (`on_train_start`, `on_train_epoch_start`, `on_train_batch_start/end` with the "
+        "index and label reads, the logits hook computing per-sample loss and margin, and for "
+        "`source='train'` the feature-buffer writes of the layer hooks). *unaccounted* = "
+        "overhead - epoch_end - hooks (callback dispatch, cache effects and noise: a "
+        "difference of two fits, so it can be negative). *PSMI alone* = standalone "
+        "`PSMI(n_estimators=m,return_full=False).fit_transform` on the (N, d) features captured "
+        "at the last epoch, times the number of epochs.",
+        f"## Summary (n_estimators={m_main})",
+        summary_table(results, args.quick),
+    ]
+    for res in results:
+        paras += model_section(res, args.quick)
+    paras += [
+        "## Machine",
+        "\n".join(
+            [
+                f"- date: {info['date']}",
+                f"- CPU: {info['cpu']}",
+                f"- Python {info['python']}, torch {info['torch']}, lightning {info['lightning']}",
+                f"- threads: {info['threads']}",
+                f"- {info['load']}",
+            ]
+        ),
+    ]
+    return "\n\n".join(_wrap(p) for p in paras) + "\n"
+
+
+def _wrap(paragraph: str) -> str:
+    """Wrap prose paragraphs at 100 columns; headings, tables and lists stay as they are."""
+    if paragraph.startswith(("#", "|", "- ")):
+        return paragraph
+    return textwrap.fill(paragraph, width=100, break_long_words=False, break_on_hyphens=False)
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model",
+        choices=("both", *ORDER),
+        default="both",
+        help="benchmark model: transformer (representative), mlp (worst case) or both (default)",
+    )
     p.add_argument(
         "--repeats", type=int, default=None, help="timed rounds (default 3; 1 with --quick)"
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny sizes for a < 30 s smoke run (prints only unless --out is given)",
+        help="tiny sizes for a < 60 s smoke run of both models (prints only unless --out is given)",
     )
     p.add_argument(
         "--out",
@@ -504,26 +807,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)"
     )
-    p.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    p.add_argument("--n", type=int, default=None, help="override the number of samples")
     p.add_argument(
-        "--hidden", type=int, default=None, help="override the hidden width (= monitored d)"
+        "--epochs", type=int, default=None, help="override the number of epochs (every model)"
+    )
+    p.add_argument(
+        "--n", type=int, default=None, help="override the number of samples (every model)"
+    )
+    p.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="override the monitored width d (MLP hidden width, transformer d_model; every model)",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = QUICK if args.quick else FULL
-    if args.epochs:
-        sizes = dataclasses.replace(sizes, epochs=args.epochs)
-    if args.n:
-        sizes = dataclasses.replace(sizes, n=args.n)
-    if args.hidden:
-        sizes = dataclasses.replace(sizes, hidden=args.hidden)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    keys = ORDER if args.model == "both" else (args.model,)
+    plan: List[Tuple[Bench, Sizes]] = []
+    for key in keys:
+        bench = BENCHES[key]
+        sizes = bench.quick if args.quick else bench.full
+        for name in ("epochs", "n", "hidden"):
+            if getattr(args, name):
+                sizes = dataclasses.replace(sizes, **{name: getattr(args, name)})
+        if sizes.heads and sizes.hidden % sizes.heads:
+            p.error(f"--hidden {sizes.hidden} must be a multiple of the {sizes.heads} heads")
+        plan.append((bench, sizes))
     out = args.out
     if out is None and not args.quick:
         out = os.path.join(
@@ -542,51 +856,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     info = machine_info()
     t_start = time.perf_counter()
-    ds = make_dataset(sizes.n, sizes.in_dim, sizes.n_classes, args.seed)
-    m_main, m_ctx = sizes.estimators
-    configs = [Config("baseline (no monitor)")]
-    for m in (m_main, m_ctx):
-        for src in ("train", "eval"):
-            configs.append(Config(f'source="{src}", n_estimators={m}', src, m))
-
-    print(f"warm-up ({sizes.n} samples, 1 epoch) ...", flush=True)
-    fit_once(ds, sizes, None, 0, args.logger, 1, args.seed)
-    fit_once(ds, sizes, "train", m_ctx, args.logger, 1, args.seed)
-    fit_once(ds, sizes, "eval", m_ctx, args.logger, 1, args.seed)
-
-    feats = labels = None
-    for r in range(args.repeats):
-        for c in configs[1:]:
-            tb, cb, _ = fit_once(ds, sizes, None, 0, args.logger, sizes.epochs, args.seed)
-            configs[0].times.append(tb)
-            configs[0].cpu.append(cb)
-            tm, cm, mon = fit_once(
-                ds, sizes, c.source, c.n_estimators, args.logger, sizes.epochs, args.seed
-            )
-            c.times.append(tm)
-            c.cpu.append(cm)
-            c.paired.append(tb)
-            c.parts.append(dict(mon.timings))
-            print(
-                f"round {r + 1}/{args.repeats}: baseline {tb:6.2f} s | {c.name:<34} {tm:6.2f} s "
-                f"(x{tm / tb:.2f}; epoch_end {mon.timings['epoch_end']:.2f} s, PSMI "
-                f"{mon.timings['psmi']:.2f} s)",
-                flush=True,
-            )
-            if feats is None and mon.capture is not None and LAYER in mon.capture.buffers:
-                seen = mon.capture.seen[LAYER]
-                feats = mon.capture.buffers[LAYER][seen].clone()
-                labels = mon._labels[seen].clone()
-
-    if feats is None:  # fall back to synthetic ReLU features
-        feats = torch.randn(sizes.n, sizes.hidden).relu_()
-        labels = torch.randint(0, sizes.n_classes, (sizes.n,))
-    psmi_alone = {m: time_psmi_alone(feats, labels, m, args.repeats) for m in (m_main, m_ctx)}
-    for m, s in psmi_alone.items():
-        print(f"PSMI alone on {tuple(feats.shape)}, n_estimators={m}: {s:.2f} s per call")
-
+    results = [run_bench(bench, sizes, args) for bench, sizes in plan]
     wall = time.perf_counter() - t_start
-    md = build_report(configs, psmi_alone, sizes, args, info, wall)
+    md = build_report(results, args, info, wall)
     print()
     print(md)
     if out:
