@@ -77,28 +77,30 @@ def per_sample_grads(
     """
     from torch.func import functional_call, grad, vmap
 
-    detached = {k: v.detach() for k, v in params.items()}
-
-    class _Call(nn.Module):
-        def __init__(self, p: Dict[str, torch.Tensor]) -> None:
-            super().__init__()
-            self._p = p
-
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return functional_call(model, self._p, args, kwargs)
-
-        def __getattr__(self, item: str) -> Any:
-            try:
-                return super().__getattr__(item)
-            except AttributeError:
-                return getattr(model, item)
+    detached = {f"model.{k}": v.detach() for k, v in params.items()}
+    # functional_call re-parametrises the whole wrapper while loss_fn runs, so the loss sees the
+    # differentiated parameters however it reaches the model (self(x), self.net(x), a method)
+    wrapper = _LossModule(model, loss_fn)
 
     def one(p: Dict[str, torch.Tensor], sample: Any) -> torch.Tensor:
-        loss = loss_fn(_Call(p), tree_map(_unsqueeze0, sample))
+        loss = functional_call(wrapper, p, (tree_map(_unsqueeze0, sample),))
         return loss.reshape(-1)[0]
 
     in_dims = tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, batch)
-    return vmap(grad(one), in_dims=(None, in_dims))(detached, batch)
+    out = vmap(grad(one), in_dims=(None, in_dims))(detached, batch)
+    return {k[len("model.") :]: v for k, v in out.items()}
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``: lets functional_call cover the whole loss."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
 
 
 def linear_grads_from_io(

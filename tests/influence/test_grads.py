@@ -307,3 +307,31 @@ def test_featurizer_projection_not_smaller_than_gradient_warns_and_is_exact():
 def test_featurizer_layer_without_parameters():
     with pytest.raises(ValueError, match=r"\['act'\] have no trainable parameters"):
         GradientFeaturizer({"act": nn.Tanh()}, projection_dim=None)
+
+
+def test_per_sample_grads_reach_the_model_through_its_own_methods():
+    """A loss that calls a model method using a submodule (self.net(x)) still differentiates the
+    given parameters (regression: the wrapper once handed back the real, undifferentiated model)."""
+
+    class WithMethod(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def per_sample_loss(self, b):
+            return F.cross_entropy(self.net(b[0]), b[1], reduction="none")
+
+    torch.manual_seed(0)
+    m = WithMethod().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = {n: p for n, p in m.named_parameters() if n.startswith("net.1")}
+    g = per_sample_grads(m, params, lambda mod, b: mod.per_sample_loss(b), (x, y))
+    for i in range(6):
+        m.zero_grad()
+        m.per_sample_loss((x[i : i + 1], y[i : i + 1])).sum().backward()
+        for n, p in params.items():
+            torch.testing.assert_close(g[n][i], p.grad, atol=1e-10, rtol=0)
+    assert float(g["net.1.weight"].abs().sum()) > 0
