@@ -1,4 +1,4 @@
-"""The ``lightning-memo`` command: ``lightning-memo demo [memorization|erasure]``."""
+"""The ``lightning-memo`` command: ``lightning-memo demo [memorization|erasure|tracin]``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a demo on data shipped with scikit-learn")
     demo.add_argument(
-        "which", nargs="?", default="memorization", choices=["memorization", "erasure"]
+        "which", nargs="?", default="memorization", choices=["memorization", "erasure", "tracin"]
     )
     demo.add_argument("--epochs", type=int, default=40)
     demo.add_argument("--out", default="demo_runs", help="folder of TensorBoard logs and CSVs")
@@ -39,6 +39,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .demo_erasure import run_erasure_demo
 
         run_erasure_demo(epochs=args.epochs, out_dir=args.out, seed=args.seed)
+    elif args.command == "demo" and args.which == "tracin":
+        from .demo_tracin import run_tracin_demo
+
+        run_tracin_demo(epochs=args.epochs, out_dir=args.out, seed=args.seed)
     return 0
 
 
