@@ -20,7 +20,7 @@ from torch import nn
 
 from ..capture import layers_key, resolve_layers
 from ..data import Accessor, get_indices, get_labels, make_accessor
-from ..distributed import gather_rows, world_size
+from ..distributed import gather_rows, gather_stats, world_size
 from ..influence.features import GradientFeaturizer
 from ..influence.tracin import GradientStore, top_k, tracin_scores, tracin_self_influence
 from ..logging import (
@@ -255,6 +255,12 @@ class TracIn(Callback):
             self._batch_idx = idx
             self.features.capture.active = True
 
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the training step's backward is done: stop recording before other callbacks'
+        # on_before_optimizer_step run extra passes (e.g. another online TracIn's queries)
+        if self.mode == "online" and self.features is not None:
+            self.features.capture.active = False
+
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:
@@ -375,6 +381,12 @@ class TracIn(Callback):
         if self.mode == "checkpoints" and len(self.store) == 0:
             rank_zero_warn("TracIn recorded no checkpoint (check every_n_epochs / every_n_steps).")
             return
+        if world_size(trainer.strategy) > 1:  # each rank saw the labels of its own batches only
+            merged = None
+            for part in gather_stats(trainer.strategy, {"labels": self._labels}):
+                lab = part["labels"].cpu()
+                merged = lab if merged is None else torch.where(lab != -1, lab, merged)
+            self._labels = merged
         if trainer.is_global_zero:
             self._write(trainer)
 
