@@ -138,7 +138,8 @@ class LeaceFitter:
     """Streaming statistics for LEACE; ``.eraser`` is computed lazily from them.
 
     Statistics: count n, means of x and z, co-moments C_xx = sum (x - mu_x)(x - mu_x)^T (LEACE
-    only, O(d^2)) and C_xz (O(d k)), accumulated in float64 with Chan's pairwise merge, so batch
+    only, O(d^2)) and C_xz (O(d k)), accumulated in float64 (Welford updates per batch, whose
+    products run in the input's precision; Chan's pairwise merge across fitters), so batch
     updates and the merge of DDP ranks are exact up to rounding.
 
     Args:
@@ -228,6 +229,7 @@ class LeaceFitter:
                 f"{bad} of {x.shape[0]} rows of x contain NaN or inf; drop them before update()."
             )
         dev = self.mean_x.device
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         if z.ndim == 1 and z.is_floating_point() and self.grow:
             raise ValueError(
                 "The concept is a float vector (n,): pass z_dim=1 for a continuous concept, or "
@@ -235,7 +237,7 @@ class LeaceFitter:
             )
         if self.grow and z.ndim == 1 and z.numel():
             self.grow_to(int(z.max()) + 1)
-        return x.to(dev, torch.float64), concept_matrix(z.to(dev), self.z_dim).to(torch.float64)
+        return x.to(dev, cdt), concept_matrix(z.to(dev), self.z_dim).to(cdt)
 
     def grow_to(self, z_dim: int) -> None:
         """Widen the one-hot concept to ``z_dim`` classes (exact: new columns were all 0)."""
@@ -253,10 +255,22 @@ class LeaceFitter:
         n = x.shape[0]
         if n == 0:
             return self
-        mx, mz = x.mean(dim=0), z.mean(dim=0)
-        dx, dz = x - mx, z - mz
-        c_xx = dx.T @ dx if self.c_xx is not None else None
-        self._merge(n, mx, mz, c_xx, dx.T @ dz)
+        # Welford with one GEMM per co-moment: C += (x - mean_old)^T (x - mean_new), exact like
+        # Chan's merge. The batch products run in the input's precision (float32 GEMMs for float32
+        # activations); the running sums stay float64.
+        cdt = x.dtype
+        total = self.n + n
+        dx_old = x - self.mean_x.to(cdt)
+        dz_old = z - self.mean_z.to(cdt)
+        self.mean_x += dx_old.sum(dim=0, dtype=torch.float64) / total
+        self.mean_z += dz_old.sum(dim=0, dtype=torch.float64) / total
+        dz_new = z - self.mean_z.to(cdt)
+        if self.c_xx is not None:
+            dx_new = x - self.mean_x.to(cdt)
+            self.c_xx += dx_old.T @ dx_new
+        self.c_xz += dx_old.T @ dz_new
+        self.n = total
+        self._eraser = None
         return self
 
     def _merge(
