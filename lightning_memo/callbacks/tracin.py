@@ -289,10 +289,14 @@ class TracIn(Callback):
 
     # ------------------------------------------------------------------ checkpoints mode
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step  # optimizer steps: unchanged while gradients accumulate
+        recorded = self.store is not None and len(self.store) and self.store.steps[-1] == step
         if (
             self.mode == "checkpoints"
             and self.checkpoints == "every_n_steps"
-            and trainer.global_step % self.every_n_steps == 0
+            and step > 0
+            and step % self.every_n_steps == 0
+            and not recorded
         ):
             self._checkpoint(trainer, pl_module)
 

@@ -398,6 +398,23 @@ def test_every_n_epochs_and_every_n_steps(tmp_path):
     assert by_step.store.missing() == 0 and (by_step.self_influence > 0).all()
 
 
+def test_every_n_steps_counts_optimizer_steps_under_accumulation(tmp_path):
+    """With accumulate_grad_batches=2 the step counter stays put for a batch: one checkpoint per
+    reached multiple, none before the first step (regression: [0, 2, 2])."""
+    L.seed_everything(0, verbose=False)
+    tracin = TracIn(
+        projection_dim=32,
+        checkpoints="every_n_steps",
+        every_n_steps=2,
+        loss_fn=ps_loss,
+        progress=False,
+    )
+    trainer(tmp_path, [tracin], max_epochs=1, accumulate_grad_batches=2).fit(
+        TinyMLP(), make_loader()
+    )
+    assert tracin.store.steps == [2]  # 6 batches -> 3 optimizer steps
+
+
 # --------------------------------------------------------------------------- bad input
 def _fit(tmp_path, tracin, model=None, loader=None, epochs=1, **kw):
     L.seed_everything(0, verbose=False)
