@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "which", nargs="?", default="memorization", choices=["memorization", "erasure", "tracin"]
     )
-    demo.add_argument("--epochs", type=int, default=40)
+    demo.add_argument("--epochs", type=int, default=None, help="default: each demo's own")
     demo.add_argument("--out", default="demo_runs", help="folder of TensorBoard logs and CSVs")
     demo.add_argument("--n-estimators", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=0)
@@ -25,11 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
     if args.command == "demo" and args.which == "memorization":
         from .demo import run_memorization_demo
 
         run_memorization_demo(
-            epochs=args.epochs,
+            **epochs,
             out_dir=args.out,
             n_estimators=args.n_estimators,
             seed=args.seed,
@@ -38,11 +39,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "demo" and args.which == "erasure":
         from .demo_erasure import run_erasure_demo
 
-        run_erasure_demo(epochs=args.epochs, out_dir=args.out, seed=args.seed)
+        run_erasure_demo(**epochs, out_dir=args.out, seed=args.seed)
     elif args.command == "demo" and args.which == "tracin":
         from .demo_tracin import run_tracin_demo
 
-        run_tracin_demo(epochs=args.epochs, out_dir=args.out, seed=args.seed)
+        run_tracin_demo(**epochs, out_dir=args.out, seed=args.seed)
     return 0
 
 

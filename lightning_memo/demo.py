@@ -78,7 +78,7 @@ def _auroc(score: np.ndarray, target: np.ndarray) -> float:
 
 
 def run_memorization_demo(
-    epochs: int = 40,
+    epochs: int = 120,
     out_dir: str = "demo_runs",
     n_estimators: int = 2000,
     seed: int = 0,

@@ -413,6 +413,7 @@ class MemorizationMonitor(Callback):
             stop = trainer.strategy.reduce_boolean_decision(bool(len(new)), all=False)
             if stop:
                 trainer.should_stop = True
+                trainer.strategy.barrier("memorization_stop")  # rank 0 has written its files
 
     def _gather_meta(self, trainer: Trainer) -> tuple:
         """Labels (N,) int64 (-1: unseen), loss and margin (N,) float64 (NaN: unknown)."""
