@@ -81,3 +81,21 @@ def read_csv(path) -> dict:
     for key in rows[0]:
         out[key] = np.array([float(r[key]) if r[key] != "" else np.nan for r in rows])
     return out
+
+
+def fit_retrying_abort(fit, attempts: int = 3):
+    """Run ``fit()``; retry when a ddp_spawn child died of a signal (seen: SIGABRT).
+
+    Seen on this 2-core CI machine: a gloo child now and then aborts ("terminate called without
+    an active exception") after its work is done, more often when the parent changed the torch
+    thread count. The retried run starts from scratch and overwrites the output files, so the
+    assertions still check one complete run.
+    """
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    for attempt in range(attempts):
+        try:
+            return fit()
+        except ProcessExitedException as err:
+            if "terminated with signal" not in str(err) or attempt == attempts - 1:
+                raise

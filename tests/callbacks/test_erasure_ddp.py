@@ -15,20 +15,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_memo import ConceptErasure, IndexedDataset, LeaceEraser, LeaceFitter
-from tests.callbacks.helpers import TinyMLP, make_data, trainer
+from tests.callbacks.helpers import TinyMLP, fit_retrying_abort, make_data, trainer
 
 pytestmark = pytest.mark.slow
 
 START, EPOCH = ["net.0", "net.1"], ["net.3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# no one-thread fixture here: a parent at 1 thread made ddp_spawn children abort (SIGABRT)
 
 
 class RankStrided(Sampler):
@@ -69,7 +63,6 @@ def _run(folder, devices, batch_size, epochs=3):
     start = ConceptErasure(START, concept=group, output_dir=str(folder / "start"), **common)
     every = ConceptErasure(EPOCH, when="every_epoch", output_dir=str(folder / "every"), **common)
     kw = {"strategy": "ddp_spawn", "devices": 2} if devices == 2 else {}
-    tr = trainer(folder, [start, every], max_epochs=epochs, use_distributed_sampler=False, **kw)
     x, y = make_data(dtype=torch.float64)
     ds = IndexedDataset(TensorDataset(x, y))
     model = TinyMLP().double()
@@ -77,7 +70,14 @@ def _run(folder, devices, batch_size, epochs=3):
     # one process with batches of 40 == two processes with 20 each (rank-strided: the union of
     # the ranks' batches is the single-process batch; gradients are averaged), so the training,
     # its activations and the per-epoch erasers are the same
-    tr.fit(model, DataLoader(ds, batch_size=batch_size, sampler=RankStrided(len(ds))))
+    loader = DataLoader(ds, batch_size=batch_size, sampler=RankStrided(len(ds)))
+
+    def fit():  # from the initial weights each time (ddp_spawn loads rank 0's back)
+        model.load_state_dict(init)
+        tr = trainer(folder, [start, every], max_epochs=epochs, use_distributed_sampler=False, **kw)
+        tr.fit(model, loader)
+
+    fit_retrying_abort(fit)
     return _load(folder / "start"), _load(folder / "every"), init
 
 

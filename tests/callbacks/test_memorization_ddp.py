@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_memo import IndexedDataset, MemorizationMonitor
-from tests.callbacks.helpers import TinyMLP, make_data, read_csv, trainer
+from tests.callbacks.helpers import TinyMLP, fit_retrying_abort, make_data, read_csv, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +48,16 @@ def _run(folder, devices, batch_size, source, epochs=3, **mon_kw):
         **mon_kw,
     )
     kw = {"strategy": "ddp_spawn", "devices": 2} if devices == 2 else {}
-    tr = trainer(folder, [mon], max_epochs=epochs, use_distributed_sampler=False, **kw)
     x, y = make_data(dtype=torch.float64)
     ds = IndexedDataset(TensorDataset(x, y))
-    tr.fit(TinyMLP().double(), DataLoader(ds, batch_size=batch_size, sampler=RankStrided(120)))
+    loader = DataLoader(ds, batch_size=batch_size, sampler=RankStrided(120))
+
+    def fit():
+        L.seed_everything(0, verbose=False)
+        tr = trainer(folder, [mon], max_epochs=epochs, use_distributed_sampler=False, **kw)
+        tr.fit(TinyMLP().double(), loader)
+
+    fit_retrying_abort(fit)
     return mon
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_memo import IndexedDataset, TracIn
-from tests.callbacks.helpers import TinyMLP, make_data, read_csv, trainer
+from tests.callbacks.helpers import TinyMLP, fit_retrying_abort, make_data, read_csv, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -88,10 +88,18 @@ def _run(folder, devices, batch_size, epochs=3):
     ]
     assert len({cb.state_key for cb in callbacks}) == len(callbacks)
     kw = {"strategy": "ddp_spawn", "devices": 2} if devices == 2 else {}
-    tr = trainer(folder, callbacks, max_epochs=epochs, use_distributed_sampler=False, **kw)
     x, y = make_data(N, dtype=torch.float64)
     ds = IndexedDataset(TensorDataset(x, y))
-    tr.fit(SchedMLP().double(), DataLoader(ds, batch_size=batch_size, sampler=RankStrided(N)))
+    loader = DataLoader(ds, batch_size=batch_size, sampler=RankStrided(N))
+    model = SchedMLP().double()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def fit():  # from the initial weights each time (ddp_spawn loads rank 0's back)
+        model.load_state_dict(init)
+        tr = trainer(folder, callbacks, max_epochs=epochs, use_distributed_sampler=False, **kw)
+        tr.fit(model, loader)
+
+    fit_retrying_abort(fit)
 
 
 @pytest.fixture(scope="module")
