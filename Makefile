@@ -25,6 +25,8 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_psmi.py
 	$(PY) benchmarks/bench_monitor_overhead.py
+	$(PY) benchmarks/bench_leace.py
+	$(PY) benchmarks/bench_tracin.py
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install -q ruff
