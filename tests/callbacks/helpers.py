@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_memo import IndexedDataset
 
@@ -99,3 +99,23 @@ def fit_retrying_abort(fit, attempts: int = 3):
         except ProcessExitedException as err:
             if "terminated with signal" not in str(err) or attempt == attempts - 1:
                 raise
+
+
+class RankStrided(Sampler):
+    """Rank r of w takes samples r, r + w, ... in order (read at iteration time, after spawn)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _rank_world(self):
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._rank_world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        return self.n // self._rank_world()[1]

@@ -12,10 +12,10 @@ import json
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memo import ConceptErasure, IndexedDataset, LeaceEraser, LeaceFitter
-from tests.callbacks.helpers import TinyMLP, fit_retrying_abort, make_data, trainer
+from tests.callbacks.helpers import RankStrided, TinyMLP, fit_retrying_abort, make_data, trainer
 
 pytestmark = pytest.mark.slow
 
@@ -23,26 +23,6 @@ START, EPOCH = ["net.0", "net.1"], ["net.3"]
 
 
 # no one-thread fixture here: a parent at 1 thread made ddp_spawn children abort (SIGABRT)
-
-
-class RankStrided(Sampler):
-    """Rank r of w takes samples r, r + w, ... in order (read at iteration time, after spawn)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def _rank_world(self):
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-    def __iter__(self):
-        rank, world = self._rank_world()
-        return iter(range(rank, self.n, world))
-
-    def __len__(self) -> int:
-        return self.n // self._rank_world()[1]
 
 
 def group(batch):
