@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .callbacks.erasure import WHEN, ConceptErasure
-from .demo import DigitsMLP
+from .demo import DigitsMLP, fit_demo
 
 __all__ = ["load_digits_patched", "run_erasure_demo"]
 
@@ -122,7 +122,6 @@ def _train(
     batch_size: int,
 ) -> Dict[str, Any]:
     """Train the digits MLP (with ``ConceptErasure(when=when)`` unless ``when`` is None)."""
-    import warnings
 
     x, y, z, tr, te = (data[k] for k in ("x", "y", "z", "train", "test"))
     L.seed_everything(seed, verbose=False)
@@ -138,23 +137,7 @@ def _train(
         cb = ConceptErasure(layers=[LAYER], concept=2, when=when, progress=False)
         callbacks.append(cb)
     logger = L.pytorch.loggers.TensorBoardLogger(out_dir, name=f"erasure_demo/{name}")
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=logger,
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=False,
-        deterministic=True,
-    )
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        trainer.fit(model, loader)
-    seconds = time.perf_counter() - t0
+    seconds = fit_demo(model, loader, callbacks, logger, epochs)
     model.eval()
     if cb is not None:
         cb.install(model)  # Trainer teardown removed the hooks; the fitted erasers are kept

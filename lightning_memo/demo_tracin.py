@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-import warnings
 import zlib
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .callbacks.tracin import MODES, TracIn
 from .data import IndexedDataset, load_digits_flipped
-from .demo import DigitsMLP, _auroc
+from .demo import DigitsMLP, _auroc, fit_demo
 from .demo_erasure import _quiet_single_thread
 from .logging import as_image, image_grid
 
@@ -185,23 +184,7 @@ def run_tracin_demo(
         losses = _LossRecorder(x_tr, y_tr, every)
         model = DigitsMLP(lr=lr)
         logger = L.pytorch.loggers.TensorBoardLogger(out_dir, name="tracin_demo")
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            callbacks=[losses, tracin],
-            logger=logger,
-            accelerator="cpu",
-            devices=1,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=False,
-            deterministic=True,
-        )
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-            trainer.fit(model, loader)
-        fit_s = time.perf_counter() - t0
+        fit_s = fit_demo(model, loader, [losses, tracin], logger, epochs)
         t0 = time.perf_counter()
         self_inf = tracin.self_influence.cpu().numpy()
         scores = tracin.scores()
