@@ -12,11 +12,16 @@ from ..distributed import world_size
 __all__ = ["default_forward", "sequential_loader"]
 
 
-def default_forward(module: LightningModule, batch: Any, skip_keys: Sequence[str] = ()) -> Any:
+NON_INPUT_KEYS = ("index", "label", "labels", "y")
+
+
+def default_forward(module: LightningModule, batch: Any, skip_keys: Sequence[Any] = ()) -> Any:
     """Forward pass of an extra no-grad pass: ``module(batch[0])`` for tuple batches,
-    ``module(**inputs)`` for dict batches (without ``skip_keys``, e.g. index and label)."""
+    ``module(**inputs)`` for dict batches without ``NON_INPUT_KEYS`` and the string entries of
+    ``skip_keys`` (e.g. the callback's index, label or concept keys)."""
     if isinstance(batch, dict):
-        return module(**{k: v for k, v in batch.items() if k not in skip_keys})
+        skip = set(NON_INPUT_KEYS) | {k for k in skip_keys if isinstance(k, str)}
+        return module(**{k: v for k, v in batch.items() if k not in skip})
     if isinstance(batch, (tuple, list)):
         return module(batch[0])
     return module(batch)

@@ -373,10 +373,7 @@ class ConceptErasure(Callback):
         loader = sequential_loader(trainer, None if isinstance(self.fit_on, str) else self.fit_on)
         names = list(self.modules)
         groups = [[n] for n in names] if self.sequential else [names]
-        skip = ["index", "label", "labels", "y"] + (
-            [self.concept] if isinstance(self.concept, str) else []
-        )
-        forward = self.forward_fn or (lambda m, b: default_forward(m, b, skip))
+        forward = self.forward_fn or (lambda m, b: default_forward(m, b, [self.concept]))
         was_training = pl_module.training
         pl_module.eval()
         self.install(pl_module)

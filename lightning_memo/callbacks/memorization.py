@@ -351,7 +351,7 @@ class MemorizationMonitor(Callback):
         """No-grad pass over the training set in eval mode, recording features and baselines."""
         from tqdm.auto import tqdm
 
-        skip = self._skip_keys()
+        skip = [self.index_key, self.label_key]
         forward = self.forward_fn or (lambda m, b: default_forward(m, b, skip))
         was_training = pl_module.training
         pl_module.eval()
@@ -373,12 +373,6 @@ class MemorizationMonitor(Callback):
         finally:
             self.capture.remove()
             pl_module.train(was_training)
-
-    def _skip_keys(self) -> List[str]:
-        """Dict keys that are not model inputs: the index and label keys."""
-        keys = ["index", "label", "labels", "y"]
-        keys += [k for k in (self.index_key, self.label_key) if isinstance(k, str)]
-        return keys
 
     # ------------------------------------------------------------------ scoring
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
