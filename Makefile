@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	# reference packages for the parity tests, without their own (CUDA) torch requirement
-	$(PY) -m pip install -q --no-deps concept-erasure==0.2.4 captum==0.9.0
+	$(PY) -m pip install -q --no-deps concept-erasure==0.2.4 captum==0.9.0 \
+		kronfluence==1.0.1 accelerate einops einconv opt-einsum safetensors
 	touch $@
 
 demo: $(VENV)/.installed

@@ -22,6 +22,7 @@ from ..capture import layers_key, resolve_layers
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, gather_stats, world_size
 from ..influence.features import GradientFeaturizer
+from ..influence.grads import select_parameters
 from ..influence.tracin import GradientStore, top_k, tracin_scores, tracin_self_influence
 from ..logging import (
     as_image,
@@ -59,6 +60,8 @@ class TracIn(Callback):
     Args:
         layers: layer names/globs or modules whose parameters are differentiated (default: every
             trainable ``nn.Linear``).
+        parameters: parameter names or globs (e.g. ``["head.weight"]``) to differentiate instead
+            of whole layers (torch.func path; mode="checkpoints" only).
         projection_dim: size of the projected gradient features (LoGra for Linear layers);
             ``None`` for exact gradients.
         mode: ``"checkpoints"`` (TracInCP) or ``"online"`` (original TracIn).
@@ -82,6 +85,7 @@ class TracIn(Callback):
     def __init__(
         self,
         layers: Any = None,
+        parameters: Optional[Sequence[str]] = None,
         projection_dim: Optional[int] = 1024,
         mode: str = "checkpoints",
         every_n_epochs: int = 1,
@@ -114,7 +118,12 @@ class TracIn(Callback):
             raise ValueError(f"projection_dim={projection_dim!r}: use a positive int or None.")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'.")
+        if layers is not None and parameters is not None:
+            raise ValueError("Pass layers= or parameters=, not both.")
+        if isinstance(parameters, str):
+            parameters = [parameters]
         self.layers, self.projection_dim, self.mode = layers, projection_dim, mode
+        self.parameters = list(parameters) if parameters is not None else None
         self.every_n_epochs, self.checkpoints, self.every_n_steps = (
             every_n_epochs,
             checkpoints,
@@ -146,13 +155,15 @@ class TracIn(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            layers=layers_key(self.layers), mode=self.mode, projection_dim=self.projection_dim
+            layers=layers_key(self.layers if self.parameters is None else self.parameters),
+            mode=self.mode,
+            projection_dim=self.projection_dim,
         )
 
     def state_dict(self) -> Dict[str, Any]:
         return {
             "version": 1,
-            "store": self.store.state() if self.store is not None else None,
+            "store": self.store.state_ref() if self.store is not None else None,
             "query_grads": [q.cpu() for q in self.query_grads],
             "online_self": self._online_self,
             "online_scores": self._online_scores,
@@ -167,8 +178,21 @@ class TracIn(Callback):
         st, self._pending = self._pending, None
         if st is None:
             return
+        if st.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"The checkpoint's TracIn state was recorded with seed={st['seed']}, this TracIn "
+                f"has seed={self.seed}: the projections differ, so the recorded gradients cannot "
+                "be combined. Resume with the same seed (or start a fresh TracIn)."
+            )
         if st.get("store") is not None:
-            self.store = GradientStore.from_state(st["store"], self.store_dtype)
+            store = GradientStore.from_state(st["store"], self.store_dtype)
+            if store.dim != self.features.dim or store.layout != self.features.layout:
+                raise ValueError(
+                    f"The checkpoint's TracIn store has {store.dim} features per sample, this "
+                    f"TracIn makes {self.features.dim} (layers / projection_dim changed?). Resume "
+                    "with the configuration the checkpoint was recorded with."
+                )
+            self.store = store
         self.query_grads = list(st.get("query_grads", []))
         for key in ("online_self", "online_scores", "labels"):
             val = st.get(key)
@@ -179,7 +203,12 @@ class TracIn(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.layers is None:
+        params = None
+        if self.parameters is not None:
+            params = select_parameters(pl_module, _expand_globs(pl_module, self.parameters))
+            owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in params}
+            modules = {n: pl_module.get_submodule(n) for n in sorted(owners)}
+        elif self.layers is None:
             modules = {n: m for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)}
             modules = {
                 n: m
@@ -193,12 +222,13 @@ class TracIn(Callback):
                 )
         else:
             modules = resolve_layers(pl_module, self.layers)
-        self.features = GradientFeaturizer(modules, self.projection_dim, self.seed)
+        self.features = GradientFeaturizer(modules, self.projection_dim, self.seed, params=params)
         if self.mode == "online" and not self.features.linear:
             raise ValueError(
-                "mode='online' reads the training step's gradients from nn.Linear layers; "
-                f"{[n for n, m in modules.items() if not isinstance(m, nn.Linear)]} are not "
-                "Linear. Use mode='checkpoints' for other layers."
+                "mode='online' reads the training step's gradients of whole nn.Linear layers; "
+                f"got parameters {list(self.features.params)} of "
+                f"{[type(m).__name__ for m in modules.values()]}. Use mode='checkpoints' for "
+                "other layers or single parameters."
             )
         self.out_dir = resolve_output_dir(trainer, self.output_dir, "tracin")
 
@@ -213,7 +243,9 @@ class TracIn(Callback):
         self._restore()
         if self.store is None:
             path = os.path.join(self.out_dir, "store") if self.store_on_disk else None
-            self.store = GradientStore(n, self.features.dim, self.store_dtype, path)
+            self.store = GradientStore(
+                n, self.features.dim, self.store_dtype, path, self.features.layout
+            )
         if self._labels is None:
             self._labels = torch.full((n,), -1, dtype=torch.long)
         if self.mode == "online":
@@ -250,7 +282,10 @@ class TracIn(Callback):
     ) -> None:
         check = world_size(trainer.strategy) == 1
         idx = get_indices(batch, self._get_index, self.store.num_samples, check_duplicates=check)
-        self._labels[idx.cpu()] = get_labels(batch, self._get_label).cpu()
+        try:  # labels only annotate the result files; a loss_fn may not need them
+            self._labels[idx.cpu()] = get_labels(batch, self._get_label).cpu()
+        except ValueError:
+            pass
         if self.mode == "online":
             self._batch_idx = idx
             self.features.capture.active = True
@@ -279,12 +314,14 @@ class TracIn(Callback):
         feats = self.features.from_linear_io(dict(cap.inputs), dict(cap.grads), scale)
         cap.clear()
         idx, feats = gather_rows(trainer.strategy, self._batch_idx, feats)
-        self._online_self[idx.cpu()] += feats.double().square().sum(dim=1).cpu()
+        self._online_self[idx.cpu()] += self.features.self_products(feats.double()).cpu()
         if self.queries is not None:
             q = self._query_features(trainer, pl_module)
             if self._online_scores is None:
                 self._online_scores = torch.zeros(q.shape[0], self.store.num_samples)
-            self._online_scores[:, idx.cpu()] += (q.float() @ feats.float().T).cpu()
+            self._online_scores[:, idx.cpu()] += self.features.pair_products(
+                q.float(), feats.float()
+            ).cpu()
         self._batch_idx = None
 
     # ------------------------------------------------------------------ checkpoints mode
@@ -421,7 +458,7 @@ class TracIn(Callback):
             path = os.path.join(self.out_dir, "store.pt")
             torch.save(
                 {
-                    "state": self.store.state(),
+                    "state": self.store.state_ref(),
                     "query_grads": self.query_grads,
                     "projection_dim": self.projection_dim,
                     "seed": self.seed,
@@ -470,3 +507,22 @@ class TracIn(Callback):
     ) -> None:
         if self.features is not None and self.features.capture is not None:
             self.features.capture.remove()
+
+
+def _expand_globs(model: nn.Module, patterns: Sequence[str]) -> List[str]:
+    """Parameter names matching each name or glob; an unmatched pattern lists close names."""
+    import difflib
+    import fnmatch
+
+    names = [n for n, _ in model.named_parameters()]
+    out: List[str] = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            close = difflib.get_close_matches(pat, names, n=5, cutoff=0.3)
+            raise ValueError(
+                f"No parameter matches {pat!r}; close names: {close or names[:8]}. Use names from "
+                "model.named_parameters() (globs such as 'head.*' allowed)."
+            )
+        out += [n for n in hits if n not in out]
+    return out

@@ -2,7 +2,14 @@
 
 from .grads import LinearGradCapture, linear_grads_from_io, per_sample_grads, select_parameters
 from .projection import DenseProjector, KroneckerProjector, kronecker_dims, random_matrix
-from .tracin import GradientStore, top_k, tracin_scores, tracin_self_influence
+from .tracin import (
+    GradientStore,
+    row_dot,
+    row_sq_norm,
+    top_k,
+    tracin_scores,
+    tracin_self_influence,
+)
 
 __all__ = [
     "LinearGradCapture",
@@ -17,4 +24,6 @@ __all__ = [
     "tracin_scores",
     "tracin_self_influence",
     "top_k",
+    "row_dot",
+    "row_sq_norm",
 ]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .grads import LinearGradCapture, linear_grads_from_io, per_sample_grads
 from .projection import DenseProjector, KroneckerProjector
+from .tracin import row_dot, row_sq_norm
 
 __all__ = ["GradientFeaturizer"]
 
@@ -33,6 +34,10 @@ class GradientFeaturizer:
         kind: projection matrices (see :func:`~lightning_memo.influence.random_matrix`); default
             ``"orthogonal"`` factors for Linear layers and ``"gaussian"`` for the dense path.
         params: ``{name: parameter}`` for the generic path (default: the modules' parameters).
+        factored: with ``projection_dim=None`` and Linear layers, store exact gradients as the
+            factors ``[a | g]`` per layer (``d_in + 1 + d_out`` numbers instead of
+            ``(d_in + 1) * d_out``; inner products via :func:`~lightning_memo.influence.row_dot`).
+            Needs inputs without a sequence dimension; ``False`` flattens ``g a^T`` instead.
     """
 
     def __init__(
@@ -42,9 +47,14 @@ class GradientFeaturizer:
         seed: int = 0,
         kind: Optional[str] = None,
         params: Optional[Dict[str, nn.Parameter]] = None,
+        factored: bool = True,
     ) -> None:
         self.modules = modules
         self.linear = all(isinstance(m, nn.Linear) for m in modules.values())
+        if params is not None:  # a subset of the layers' parameters: torch.func path
+            mine = [p for m in modules.values() for p in m.parameters(recurse=False)]
+            full = {id(p) for p in mine if p.requires_grad}
+            self.linear = self.linear and {id(p) for p in params.values()} == full
         if params is None:
             params = {
                 f"{n}.{pn}": p
@@ -91,10 +101,17 @@ class GradientFeaturizer:
                 )
         self.capture = LinearGradCapture(modules) if self.linear else None
         self.lr_scale: Dict[str, float] = {}
+        self.layout: Optional[List[Tuple[int, int]]] = None
+        if factored and self.linear and projection_dim is None:
+            self.layout = [
+                (m.in_features + (m.bias is not None), m.out_features) for m in modules.values()
+            ]
 
     @property
     def dim(self) -> int:
         """Feature size k."""
+        if self.layout is not None:
+            return sum(a + g for a, g in self.layout)
         if self.projection_dim is None:
             return self.total
         if self.linear:
@@ -120,6 +137,9 @@ class GradientFeaturizer:
         parts = []
         for name, mod in self.modules.items():
             a, g = inputs[name], grads[name] * scale
+            if self.layout is not None:
+                parts.append(self._factors(name, mod, a, g))
+                continue
             if name in self.projectors:
                 f = self.projectors[name](a, g)
             else:
@@ -130,28 +150,72 @@ class GradientFeaturizer:
             parts.append(f * self.lr_scale.get(name, 1.0))
         return torch.cat(parts, dim=1)
 
+    def _factors(self, name: str, mod: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Exact factored row ``[a | 1 | sqrt(lr) g]`` of one layer: (B, d_in + bias + d_out)."""
+        if a.ndim != 2:
+            raise ValueError(
+                f"Layer {name!r} received input of shape {tuple(a.shape)}: the exact factored "
+                "gradient store needs (batch, features) inputs. For sequence models pass a "
+                "projection_dim, or factored=False for exact flattened gradients."
+            )
+        cols = [a]
+        if mod.bias is not None:
+            cols.append(torch.ones_like(a[:, :1]))
+        cols.append(g * self.lr_scale.get(name, 1.0))
+        return torch.cat(cols, dim=1)
+
+    def self_products(self, feats: torch.Tensor) -> torch.Tensor:
+        """Squared gradient norm of each row of ``feats: (B, k)`` -> (B,) float64."""
+        return row_sq_norm(feats, self.layout)
+
+    def pair_products(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Gradient inner products of rows ``q: (n, k)`` and ``t: (m, k)`` -> (n, m)."""
+        return row_dot(q, t, self.layout)
+
+    def grad_dict(
+        self, model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """Exact per-sample gradients ``{param name: (B, *param.shape)}`` of a batch at the
+        model's current weights (hooks for Linear layers, torch.func otherwise)."""
+        if not self.linear:
+            return per_sample_grads(model, self.params, loss_fn, batch)
+        inputs, grads = self._linear_io(model, batch, loss_fn)
+        out: Dict[str, torch.Tensor] = {}
+        for name, mod in self.modules.items():
+            w, b = linear_grads_from_io(inputs[name], grads[name], mod.bias is not None)
+            out[f"{name}.weight" if name else "weight"] = w
+            if b is not None:
+                out[f"{name}.bias" if name else "bias"] = b
+        return {k: v for k, v in out.items() if k in self.params}
+
+    def _linear_io(
+        self, model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Inputs and output-gradients of every Linear layer for one batch (no weight .grad)."""
+        cap = self.capture
+        cap.attach()
+        cap.active = True
+        try:
+            with torch.enable_grad():
+                loss = loss_fn(model, batch)
+                _check_per_sample(loss, batch)
+                outs = [cap.outputs[n] for n in self.modules]
+                grads = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
+            g = {
+                n: (gr if gr is not None else torch.zeros_like(o))
+                for n, gr, o in zip(self.modules, grads, outs)
+            }
+            return dict(cap.inputs), g
+        finally:
+            cap.active = False
+            cap.clear()
+
     def __call__(
         self, model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor]
     ) -> torch.Tensor:
         """Features (B, k) of a batch at the model's current weights (weights get no .grad)."""
         if self.linear:
-            cap = self.capture
-            cap.attach()
-            cap.active = True
-            try:
-                with torch.enable_grad():
-                    loss = loss_fn(model, batch)
-                    _check_per_sample(loss, batch)
-                    outs = [cap.outputs[n] for n in self.modules]
-                    grads = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
-                g = {
-                    n: (gr if gr is not None else torch.zeros_like(o))
-                    for n, gr, o in zip(self.modules, grads, outs)
-                }
-                return self.from_linear_io(dict(cap.inputs), g)
-            finally:
-                cap.active = False
-                cap.clear()
+            return self.from_linear_io(*self._linear_io(model, batch, loss_fn))
         grads = per_sample_grads(model, self.params, loss_fn, batch)
         flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in self.params], dim=1)
         if self.lr_scale:

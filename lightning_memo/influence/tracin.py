@@ -3,6 +3,11 @@
 TracInCP(z, z') = sum_c lr_c <grad l(z; w_c), grad l(z'; w_c)> over checkpoints c (Pruthi et al.,
 NeurIPS 2020). Self-influence is z = z'. Scores are computed in blocks, never holding
 (n_query, N, k).
+
+Factored rows (exact gradients of ``nn.Linear`` layers without a sequence dimension): a row is
+``[a_1 | g_1 | a_2 | g_2 | ...]``, the layer input (bias folded in as a 1) and output-gradient per
+layer, whose gradient is ``g a^T``; so ``<g a^T, g' a'^T> = (a . a') (g . g')`` and the exact inner
+product costs ``d_in + d_out`` per layer instead of ``d_in * d_out``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,45 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["GradientStore", "tracin_self_influence", "tracin_scores", "top_k"]
+__all__ = [
+    "GradientStore",
+    "tracin_self_influence",
+    "tracin_scores",
+    "top_k",
+    "row_dot",
+    "row_sq_norm",
+]
+
+Layout = Optional[Sequence[Tuple[int, int]]]  # per layer (size of a, size of g); None = plain
+
+
+def row_dot(q: torch.Tensor, t: torch.Tensor, layout: Layout = None) -> torch.Tensor:
+    """Inner products of gradient rows: ``q: (n, k)``, ``t: (m, k)`` -> ``(n, m)``.
+
+    ``layout=None``: plain dot products. Otherwise rows are factored (see the module docstring)
+    and the result is ``sum_l (A_q A_t^T) * (G_q G_t^T)``.
+    """
+    if layout is None:
+        return q @ t.T
+    out, s = None, 0
+    for na, ng in layout:
+        aa = q[:, s : s + na] @ t[:, s : s + na].T
+        gg = q[:, s + na : s + na + ng] @ t[:, s + na : s + na + ng].T
+        out = aa * gg if out is None else out.addcmul_(aa, gg)
+        s += na + ng
+    return out
+
+
+def row_sq_norm(t: torch.Tensor, layout: Layout = None) -> torch.Tensor:
+    """Squared gradient norm of each row ``t: (m, k)`` -> ``(m,)`` float64 (see :func:`row_dot`)."""
+    if layout is None:
+        return t.square().sum(dim=1, dtype=torch.float64)
+    out, s = torch.zeros(t.shape[0], dtype=torch.float64, device=t.device), 0
+    for na, ng in layout:
+        a2 = t[:, s : s + na].square().sum(dim=1, dtype=torch.float64)
+        out += a2 * t[:, s + na : s + na + ng].square().sum(dim=1, dtype=torch.float64)
+        s += na + ng
+    return out
 
 
 class GradientStore:
@@ -24,6 +67,8 @@ class GradientStore:
 
     Args:
         num_samples: N; dim: k; dtype: storage dtype; path: folder for a disk-backed store.
+        layout: ``[(size of a, size of g), ...]`` per layer when rows are factored (see
+            :func:`row_dot`), else None.
     """
 
     def __init__(
@@ -32,12 +77,22 @@ class GradientStore:
         dim: int,
         dtype: torch.dtype = torch.float32,
         path: Optional[str] = None,
+        layout: Layout = None,
     ) -> None:
         self.num_samples, self.dim, self.dtype, self.path = int(num_samples), int(dim), dtype, path
+        self.layout = [tuple(map(int, p)) for p in layout] if layout is not None else None
+        if self.layout is not None and sum(a + g for a, g in self.layout) != self.dim:
+            raise ValueError(f"layout {self.layout} does not add up to dim={self.dim}.")
         self.lrs: List[float] = []
         self.steps: List[int] = []
         self._chunks: List[torch.Tensor] = []
         self._seen: List[torch.Tensor] = []
+        self._maps: List[np.ndarray] = []  # the memory maps of a disk-backed store
+
+    def flush(self) -> None:
+        """Write a disk-backed store's pending rows to its files."""
+        for mm in self._maps:
+            mm.flush()
 
     def __len__(self) -> int:
         return len(self.lrs)
@@ -54,6 +109,7 @@ class GradientStore:
                 dtype=np_dtype,
                 shape=(self.num_samples, self.dim),
             )
+            self._maps.append(mm)
             arr = torch.from_numpy(mm)
         else:
             arr = torch.zeros(self.num_samples, self.dim, dtype=self.dtype)
@@ -90,17 +146,47 @@ class GradientStore:
         return {
             "num_samples": self.num_samples,
             "dim": self.dim,
+            "layout": self.layout,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "path": self.path,
             "lrs": list(self.lrs),
             "steps": list(self.steps),
             "grads": [g.clone() for g in self._chunks],
             "seen": [s.clone() for s in self._seen],
         }
 
+    def state_ref(self) -> dict:
+        """Like :meth:`state`, but a disk-backed store is referenced by its ``.npy`` files
+        instead of copied (checkpoints stay small); :meth:`from_state` reopens them."""
+        if self.path is None:
+            return self.state()
+        self.flush()
+        st = self.state()
+        st["grads"] = None
+        return st
+
     @classmethod
-    def from_state(cls, state: dict, dtype: torch.dtype = torch.float32) -> GradientStore:
-        store = cls(state["num_samples"], state["dim"], dtype)
+    def from_state(cls, state: dict, dtype: Optional[torch.dtype] = None) -> GradientStore:
+        """Rebuild a store from :meth:`state` / :meth:`state_ref` (dtype: the saved one)."""
+        if dtype is None:
+            dtype = getattr(torch, state.get("dtype", "float32"))
+        store = cls(
+            state["num_samples"], state["dim"], dtype, state.get("path"), state.get("layout")
+        )
         store.lrs, store.steps = list(state["lrs"]), list(state["steps"])
-        store._chunks = [g.to(dtype) for g in state["grads"]]
+        if state["grads"] is None:  # disk-backed: reopen the memory-mapped files
+            for c in range(len(store.lrs)):
+                f = os.path.join(store.path, f"grads_{c}.npy")
+                if not os.path.exists(f):
+                    raise FileNotFoundError(
+                        f"The gradient store file {f} is missing; the checkpoint references the "
+                        "disk-backed store there (store_on_disk=True). Restore the folder or "
+                        "resume with a fresh TracIn."
+                    )
+                store._maps.append(np.load(f, mmap_mode="r+"))
+                store._chunks.append(torch.from_numpy(store._maps[-1]))
+        else:
+            store._chunks = [g.to(dtype) for g in state["grads"]]
         store._seen = list(state["seen"])
         return store
 
@@ -110,9 +196,10 @@ def tracin_self_influence(
 ) -> torch.Tensor:
     """sum_c lr_c ||g_c(z)||^2 for every training sample: (N,) float64."""
     out = torch.zeros(store.num_samples, dtype=torch.float64, device=device)
+    work = torch.float64 if store.dtype == torch.float64 else torch.float32
     for c, lr in enumerate(store.lrs):
-        g = store.grads(c).to(device=device, dtype=torch.float32)
-        out += lr * g.square().sum(dim=1, dtype=torch.float64)
+        g = store.grads(c).to(device=device, dtype=work)
+        out += lr * row_sq_norm(g, store.layout)
     return out
 
 
@@ -122,7 +209,8 @@ def tracin_scores(
     block: int = 4096,
     device: Optional[torch.device] = None,
 ) -> torch.Tensor:
-    """TracIn of every training sample on each query: (n_query, N) float32.
+    """TracIn of every training sample on each query: (n_query, N), float32 (float64 when the
+    store is float64).
 
     Args:
         store: training gradients per checkpoint.
@@ -135,13 +223,14 @@ def tracin_scores(
             "checkpoint."
         )
     nq = query_grads[0].shape[0] if query_grads else 0
-    out = torch.zeros(nq, store.num_samples, dtype=torch.float32, device=device)
+    work = torch.float64 if store.dtype == torch.float64 else torch.float32
+    out = torch.zeros(nq, store.num_samples, dtype=work, device=device)
     for c, lr in enumerate(store.lrs):
-        q = query_grads[c].to(device=device, dtype=torch.float32)
+        q = query_grads[c].to(device=device, dtype=work)
         g = store.grads(c)
         for s in range(0, store.num_samples, block):
-            gb = g[s : s + block].to(device=device, dtype=torch.float32)
-            out[:, s : s + block] += lr * (q @ gb.T)
+            gb = g[s : s + block].to(device=device, dtype=work)
+            out[:, s : s + block] += lr * row_dot(q, gb, store.layout)
     return out
 
 

@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_memo import MissingIndexError, TracIn
+from lightning_memo import IndexedDataset, MissingIndexError, TracIn
 from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, trainer
 
 N = 120
@@ -124,7 +124,9 @@ def test_checkpoints_mode_exact_equals_oracle(exact_run):
     rec, tracin, model = exact_run
     assert [lrs[0] for _, lrs in rec.ckpts] == pytest.approx([0.05, 0.025, 0.0125])
     assert len(tracin.store) == 3 and tracin.store.missing() == 0
-    assert tracin.features.dim == 8 * 16 + 16 + 16 * 16 + 16 + 16 * 3 + 3
+    # exact gradients are stored factored: [a | 1 | g] per layer instead of g a^T
+    assert tracin.features.dim == (8 + 1 + 16) + (16 + 1 + 16) + (16 + 1 + 3)
+    assert tracin.store.layout == [(9, 16), (17, 16), (17, 3)]
     xq, yq = make_data(10, seed=1)
     want_self, want_scores = oracle(rec, SchedMLP, xq, yq)
     assert_close(tracin.self_influence, want_self)
@@ -182,13 +184,15 @@ def test_parity_with_captum_tracincp(exact_run, tmp_path, per_batch):
 @pytest.fixture(scope="module")
 def projected_run(tmp_path_factory):
     """TinyMLP(hidden=64), 2 epochs: exact and projection_dim=1024 (LoGra per layer: 4,931
-    gradient entries -> 997 features) side by side in one run."""
+    gradient entries -> 997 features; exact stores them factored in 270 numbers) side by side in
+    one run."""
     L.seed_everything(0, verbose=False)
     exact = TracIn(projection_dim=None, queries=queries(), loss_fn=ps_loss, progress=False)
     proj = TracIn(projection_dim=1024, queries=queries(), loss_fn=ps_loss, progress=False)
     tr = trainer(tmp_path_factory.mktemp("proj"), [exact, proj], max_epochs=2)
     tr.fit(TinyMLP(hidden=64), make_loader())
-    assert exact.features.dim == 4931 and 512 < proj.features.dim <= 1024
+    assert exact.features.total == 4931 and exact.features.dim == 270
+    assert 512 < proj.features.dim <= 1024
     e, p = exact.scores().numpy(), proj.scores().numpy()
     rho = {
         "self": spearmanr(exact.self_influence.numpy(), proj.self_influence.numpy())[0],
@@ -345,7 +349,7 @@ def test_learning_rate_per_parameter_group_and_files(tmp_path):
         np.testing.assert_array_equal(top["opponent"][rows], order.flip(0)[:5].numpy())
     assert res["proponent_scores"][0] >= res["proponent_scores"][-1] > res["opponent_scores"][0]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["mode"] == "checkpoints" and cfg["checkpoints"] == 2 and cfg["feature_dim"] == 467
+    assert cfg["mode"] == "checkpoints" and cfg["checkpoints"] == 2 and cfg["feature_dim"] == 78
     assert cfg["missing_samples"] == 0 and cfg["layers"] == ["net.0", "net.2", "net.4"]
     saved = torch.load(out / "store.pt")
     assert saved["projection_dim"] is None and len(saved["query_grads"]) == 2
@@ -418,7 +422,8 @@ def test_every_n_steps_counts_optimizer_steps_under_accumulation(tmp_path):
 # --------------------------------------------------------------------------- bad input
 def _fit(tmp_path, tracin, model=None, loader=None, epochs=1, **kw):
     L.seed_everything(0, verbose=False)
-    tr = trainer(tmp_path, [tracin], max_epochs=epochs, **kw)
+    cbs = tracin if isinstance(tracin, list) else [tracin]
+    tr = trainer(tmp_path, cbs, max_epochs=epochs, **kw)
     tr.fit(model or TinyMLP(), loader if loader is not None else make_loader())
     return tr
 
@@ -466,7 +471,8 @@ def test_projection_dim_not_smaller_than_gradient_warns_and_is_exact(tmp_path):
         match="projection_dim=1000 is not smaller than the gradient size 51; using exact",
     ):
         _fit(tmp_path, tracin, limit_train_batches=2)
-    assert tracin.features.projection_dim is None and tracin.store.dim == 51
+    assert tracin.features.projection_dim is None and tracin.features.total == 51
+    assert tracin.store.dim == 17 + 3  # exact, factored: [a | 1 | g]
 
 
 def test_query_loader_without_labels(tmp_path):
@@ -484,7 +490,7 @@ def test_batch_without_indices(tmp_path):
 
 
 def test_online_mode_refusals(tmp_path):
-    with pytest.raises(ValueError, match=r"mode='online'.*\['net.1'\] are not Linear"):
+    with pytest.raises(ValueError, match=r"mode='online'.*\['LayerNorm'\].*mode='checkpoints'"):
         _fit(tmp_path, TracIn(layers=["net.1"], mode="online", loss_fn=ps_loss), model=NormMLP())
     with pytest.raises(ValueError, match="accumulate_grad_batches=1"):
         _fit(tmp_path, TracIn(mode="online", loss_fn=ps_loss), accumulate_grad_batches=2)
@@ -504,10 +510,17 @@ def test_argument_validation():
 
 
 # --------------------------------------------------------------------------- resume
-def test_resume_keeps_recorded_checkpoints(tmp_path):
+@pytest.mark.parametrize("on_disk", [False, True], ids=["ram", "disk"])
+def test_resume_keeps_recorded_checkpoints(tmp_path, on_disk):
     def run(root, epochs, ckpt_path=None, callbacks=()):
         L.seed_everything(0, verbose=False)
-        tracin = TracIn(projection_dim=128, queries=queries(), loss_fn=ps_loss, progress=False)
+        tracin = TracIn(
+            projection_dim=128,
+            queries=queries(),
+            loss_fn=ps_loss,
+            progress=False,
+            store_on_disk=on_disk,
+        )
         tr = trainer(
             root, [tracin, *callbacks], max_epochs=epochs, enable_checkpointing=bool(callbacks)
         )
@@ -518,9 +531,65 @@ def test_resume_keeps_recorded_checkpoints(tmp_path):
     mc = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
     first = run(tmp_path / "a", 2, callbacks=[mc])
     assert len(first.store) == 2
+    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("TracIn")]
+    # a disk-backed store is referenced by its files, not copied into every checkpoint
+    assert (state["store"]["grads"] is None) == on_disk
+    first_grads = first.store.grads(0).clone()
     resumed = run(tmp_path / "b", 4, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     assert len(resumed.store) == 4 and resumed.store.steps == [6, 12, 18, 24]
     assert len(resumed.query_grads) == 4
-    torch.testing.assert_close(resumed.store.grads(0), first.store.grads(0))
+    torch.testing.assert_close(resumed.store.grads(0), first_grads)
     assert_close(resumed.self_influence, full.self_influence)
     assert_close(resumed.scores(), full.scores())
+
+
+def test_resume_with_another_seed_is_refused(tmp_path):
+    mc = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    first = TracIn(projection_dim=64, loss_fn=ps_loss)
+    tr = trainer(tmp_path / "a", [first, mc], max_epochs=1, enable_checkpointing=True)
+    tr.fit(TinyMLP(), make_loader())
+    last = str(tmp_path / "ck" / "last.ckpt")
+    tracin = TracIn(projection_dim=64, loss_fn=ps_loss, seed=5)
+    with pytest.raises(ValueError, match="recorded with seed=0, this TracIn has seed=5"):
+        tr = trainer(tmp_path / "b", [tracin], max_epochs=2, enable_checkpointing=True)
+        tr.fit(TinyMLP(), make_loader(), ckpt_path=last)
+
+
+def test_parameters_by_name_add_up_to_the_layer_path(tmp_path):
+    """parameters= (single parameters: torch.func path) vs layers= (Linear hooks, factored):
+    gradient inner products add over parameters, so weight + bias = the whole layer."""
+    kw = dict(projection_dim=None, queries=queries(), loss_fn=ps_loss, progress=False)
+    by_layer = TracIn(layers=["net.4"], **kw)
+    weight = TracIn(parameters="net.4.weight", **kw)
+    bias = TracIn(parameters=["net.4.b*"], **kw)
+    whole = TracIn(parameters=["net.4.*"], **kw)  # a whole Linear layer: the hook fast path
+    _fit(tmp_path, [by_layer, weight, bias, whole], limit_train_batches=3, epochs=2)
+    assert by_layer.store.layout == whole.store.layout == [(17, 3)]
+    assert weight.store.layout is None and (weight.store.dim, bias.store.dim) == (48, 3)
+    assert_close(weight.self_influence + bias.self_influence, by_layer.self_influence)
+    assert_close(weight.scores() + bias.scores(), by_layer.scores())
+    assert_close(whole.scores(), by_layer.scores())
+    assert (weight.self_influence < by_layer.self_influence).all()
+    with pytest.raises(ValueError, match=r"No parameter matches 'net.4.wieght'.*net.4.weight"):
+        _fit(tmp_path / "x", TracIn(parameters=["net.4.wieght"], loss_fn=ps_loss))
+    with pytest.raises(ValueError, match="not both"):
+        TracIn(layers=["net.4"], parameters=["net.4.weight"])
+
+
+def test_training_batches_without_labels_when_the_loss_needs_none(tmp_path):
+    x, _ = make_data(N)
+    loader = DataLoader(IndexedDataset([{"x": row} for row in x]), batch_size=20)
+    tracin = TracIn(
+        projection_dim=32,
+        loss_fn=lambda m, b: m(b["x"]).square().sum(1),
+        output_dir=str(tmp_path / "out"),
+    )
+    _fit(tmp_path, tracin, loader=loader, model=UnsupervisedMLP(), limit_train_batches=2)
+    assert (tracin.self_influence[:40] > 0).all()
+    assert (read_csv(tmp_path / "out" / "self_influence.csv")["label"] == -1).all()
+
+
+class UnsupervisedMLP(TinyMLP):
+    def training_step(self, batch, batch_idx):
+        return self(batch["x"]).square().mean()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memo import IndexedDataset, TracIn
+from lightning_memo.influence import row_dot, row_sq_norm
 from tests.callbacks.helpers import (
     RankStrided,
     TinyMLP,
@@ -131,7 +132,7 @@ def test_ddp_self_influence_and_top_k_equal_single_process(runs, name):
     assert ca == cb
     assert ca["mode"] == CONFIGS[name]["mode"]
     if CONFIGS[name]["projection_dim"] is None:
-        assert ca["feature_dim"] == 1443
+        assert ca["feature_dim"] == (9 + 32) + (33 + 32) + (33 + 3)  # factored [a | 1 | g]
     else:
         assert 128 < ca["feature_dim"] <= 256
     if ca["mode"] == "checkpoints":
@@ -154,16 +155,18 @@ def test_ddp_gradient_store_equals_single_process(runs, name):
         assert b["query_grads"][c].shape == a["query_grads"][c].shape
         assert_close(b["query_grads"][c], a["query_grads"][c])
     # all n_query x N scores, recomputed from the stores
+    lay = a["state"]["layout"]  # exact rows are factored per layer, projected rows are not
+    assert (lay is None) == (name == "ckpt_proj") and b["state"]["layout"] == lay
     sa = sum(
-        lr * a["query_grads"][c].double() @ a["state"]["grads"][c].double().T
+        lr * row_dot(a["query_grads"][c].double(), a["state"]["grads"][c].double(), lay)
         for c, lr in enumerate(a["state"]["lrs"])
     )
     sb = sum(
-        lr * b["query_grads"][c].double() @ b["state"]["grads"][c].double().T
+        lr * row_dot(b["query_grads"][c].double(), b["state"]["grads"][c].double(), lay)
         for c, lr in enumerate(b["state"]["lrs"])
     )
     assert sa.shape == (N_QUERY, N)
     assert_close(sb, sa)
     # and the self-influence in the csv is sum_c ||g_c||^2 of the stored rows
-    want = sum(g.double().square().sum(1) for g in a["state"]["grads"])
+    want = sum(row_sq_norm(g.double(), lay) for g in a["state"]["grads"])
     assert_close(read_csv(ddp / "self_influence.csv")["self_influence"], want)
