@@ -1,6 +1,6 @@
 """lightning_memo: memorization monitoring and data attribution for PyTorch Lightning."""
 
-from .callbacks import ConceptErasure, MemorizationMonitor, TracIn
+from .callbacks import ConceptErasure, InfluenceAnalysis, MemorizationMonitor, TracIn
 from .capture import FeatureCapture, pool, resolve_layers
 from .data import IndexedDataset, get_indices, get_labels, load_digits_flipped, make_accessor
 from .exceptions import (
@@ -20,6 +20,7 @@ __all__ = [
     "MemorizationMonitor",
     "ConceptErasure",
     "TracIn",
+    "InfluenceAnalysis",
     "LeaceFitter",
     "LeaceEraser",
     "probe_accuracy",

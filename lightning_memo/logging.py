@@ -132,11 +132,12 @@ def image_grid(
     captions: Optional[Sequence[str]] = None,
     pad: int = 2,
     scale: int = 1,
+    ncol: Optional[int] = None,
 ) -> torch.Tensor:
-    """Tile ``(C, H, W)`` images of one size into a ``(3, H', W')`` grid, nearly square, with an
-    optional caption (digits, e.g. the label) printed under each tile."""
+    """Tile ``(C, H, W)`` images of one size into a ``(3, H', W')`` grid, nearly square (or
+    ``ncol`` columns), with an optional caption (digits, e.g. the label) under each tile."""
     k = len(images)
-    ncol = max(1, math.ceil(math.sqrt(k)))
+    ncol = ncol or max(1, math.ceil(math.sqrt(k)))
     nrow = math.ceil(k / ncol)
     h, w = images[0].shape[1] * scale, images[0].shape[2] * scale
     cap_h = 14 if captions is not None else 0

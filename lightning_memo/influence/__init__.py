@@ -1,6 +1,26 @@
 """Per-sample gradients, projections and influence estimators (math core, torch only)."""
 
-from .grads import LinearGradCapture, linear_grads_from_io, per_sample_grads, select_parameters
+from .arnoldi import arnoldi_eigen, arnoldi_embedding, arnoldi_iteration
+from .grads import (
+    SUPPORTED_LAYERS,
+    LayerGradCapture,
+    LinearGradCapture,
+    layer_dims,
+    linear_grads_from_io,
+    per_sample_grads,
+    select_parameters,
+)
+from .hessian import conjugate_gradient, exact_ggn, exact_hessian, make_hvp, solve_damped
+from .kfac import KFAC, fit_kfac
+from .methods import (
+    ArnoldiInfluence,
+    ExactInfluence,
+    InfluenceMethod,
+    KFACInfluence,
+    make_method,
+    query_matrix,
+    train_pass,
+)
 from .projection import DenseProjector, KroneckerProjector, kronecker_dims, random_matrix
 from .tracin import (
     GradientStore,
@@ -12,6 +32,26 @@ from .tracin import (
 )
 
 __all__ = [
+    "SUPPORTED_LAYERS",
+    "LayerGradCapture",
+    "layer_dims",
+    "arnoldi_eigen",
+    "arnoldi_embedding",
+    "arnoldi_iteration",
+    "conjugate_gradient",
+    "exact_ggn",
+    "exact_hessian",
+    "make_hvp",
+    "solve_damped",
+    "KFAC",
+    "fit_kfac",
+    "InfluenceMethod",
+    "ExactInfluence",
+    "ArnoldiInfluence",
+    "KFACInfluence",
+    "make_method",
+    "query_matrix",
+    "train_pass",
     "LinearGradCapture",
     "linear_grads_from_io",
     "per_sample_grads",

@@ -1,9 +1,10 @@
 """Gradient features: one (projected) per-sample gradient vector per sample, for TracIn and
 influence alike (math core, torch only).
 
-``GradientFeaturizer`` turns a batch into ``(B, k)`` rows: for ``nn.Linear`` layers from the layer
-inputs and output-gradients (LoGra projection, or the exact flattened gradient), for any other
-parameters from ``torch.func`` per-sample gradients (dense projection, or exact).
+``GradientFeaturizer`` turns a batch into ``(B, k)`` rows: for ``nn.Linear`` and ``nn.Conv2d``
+layers from the layer inputs (conv: unfolded patches) and output-gradients (LoGra projection,
+exact factors, or the exact flattened gradient), for any other parameters from ``torch.func``
+per-sample gradients (dense projection, or exact).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .grads import LinearGradCapture, linear_grads_from_io, per_sample_grads
+from .grads import (
+    SUPPORTED_LAYERS,
+    LinearGradCapture,
+    layer_dims,
+    layer_output_grad_rows,
+    linear_grads_from_io,
+    per_sample_grads,
+)
 from .projection import DenseProjector, KroneckerProjector
 from .tracin import row_dot, row_sq_norm
 
@@ -26,7 +34,8 @@ class GradientFeaturizer:
     """Per-sample gradient features of chosen layers or parameters.
 
     Args:
-        modules: ``{name: module}`` whose parameters are differentiated. All ``nn.Linear``: the
+        modules: ``{name: module}`` whose parameters are differentiated. All ``nn.Linear`` /
+            ``nn.Conv2d`` (groups=1): the
             hook fast path; otherwise ``params`` must be given for the torch.func path.
         projection_dim: total size k of the projected features (split over layers in proportion
             to their gradient sizes), or ``None`` for exact (flattened) gradients.
@@ -50,7 +59,7 @@ class GradientFeaturizer:
         factored: bool = True,
     ) -> None:
         self.modules = modules
-        self.linear = all(isinstance(m, nn.Linear) for m in modules.values())
+        self.linear = all(_hook_layer(m) for m in modules.values())
         if params is not None:  # a subset of the layers' parameters: torch.func path
             mine = [p for m in modules.values() for p in m.parameters(recurse=False)]
             full = {id(p) for p in mine if p.requires_grad}
@@ -87,10 +96,11 @@ class GradientFeaturizer:
                 for i, (name, mod) in enumerate(modules.items()):
                     size = mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
                     k = max(1, int(round(projection_dim * size / total)))
+                    d_out, d_in, bias = layer_dims(mod)
                     self.projectors[name] = KroneckerProjector(
-                        mod.out_features,
-                        mod.in_features,
-                        mod.bias is not None,
+                        d_out,
+                        d_in,
+                        bias,
                         k,
                         seed * 1000 + i,
                         kind or "orthogonal",
@@ -102,7 +112,11 @@ class GradientFeaturizer:
         self.capture = LinearGradCapture(modules) if self.linear else None
         self.lr_scale: Dict[str, float] = {}
         self.layout: Optional[List[Tuple[int, int]]] = None
-        if factored and self.linear and projection_dim is None:
+        if (
+            factored
+            and projection_dim is None
+            and all(isinstance(m, nn.Linear) for m in modules.values())
+        ):  # rank-one per-sample gradients (conv gradients sum over positions: not rank one)
             self.layout = [
                 (m.in_features + (m.bias is not None), m.out_features) for m in modules.values()
             ]
@@ -183,7 +197,7 @@ class GradientFeaturizer:
         out: Dict[str, torch.Tensor] = {}
         for name, mod in self.modules.items():
             w, b = linear_grads_from_io(inputs[name], grads[name], mod.bias is not None)
-            out[f"{name}.weight" if name else "weight"] = w
+            out[f"{name}.weight" if name else "weight"] = w.reshape(w.shape[0], *mod.weight.shape)
             if b is not None:
                 out[f"{name}.bias" if name else "bias"] = b
         return {k: v for k, v in out.items() if k in self.params}
@@ -202,7 +216,9 @@ class GradientFeaturizer:
                 outs = [cap.outputs[n] for n in self.modules]
                 grads = torch.autograd.grad(loss.sum(), outs, allow_unused=True)
             g = {
-                n: (gr if gr is not None else torch.zeros_like(o))
+                n: layer_output_grad_rows(
+                    self.modules[n], gr if gr is not None else o.new_zeros(o.shape)
+                )
                 for n, gr, o in zip(self.modules, grads, outs)
             }
             return dict(cap.inputs), g
@@ -246,3 +262,8 @@ def _check_per_sample(loss: torch.Tensor, batch: Any) -> None:
 def layer_names(features: GradientFeaturizer) -> List[str]:
     """Names of the differentiated layers, in feature order."""
     return list(features.modules)
+
+
+def _hook_layer(m: nn.Module) -> bool:
+    """Whether ``m`` takes the hook fast path: nn.Linear, or nn.Conv2d with groups=1."""
+    return isinstance(m, SUPPORTED_LAYERS) and getattr(m, "groups", 1) == 1

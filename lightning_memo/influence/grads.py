@@ -1,8 +1,11 @@
-"""Per-sample gradients: ``torch.func`` for any model, and a hook fast path for ``nn.Linear``.
+"""Per-sample gradients: ``torch.func`` for any model, and a hook fast path for Linear/Conv2d.
 
 One gradient code path serves TracIn and the influence estimators (math core, torch only).
 For a Linear layer with input a and output-gradient g, the per-sample weight gradient is g a^T
 summed over sequence positions (bias: g summed), so it is never materialised when projected.
+A Conv2d layer (groups=1) is the same thing once its input is unfolded into patches:
+a: (B, L, C_in*kh*kw), g: (B, L, C_out) with L output positions, and the weight gradient
+(C_out, C_in*kh*kw) is the conv weight gradient reshaped to (C_out, -1).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
@@ -17,8 +21,19 @@ __all__ = [
     "select_parameters",
     "per_sample_grads",
     "LinearGradCapture",
+    "LayerGradCapture",
+    "SUPPORTED_LAYERS",
+    "check_supported_layers",
+    "layer_dims",
+    "layer_input_rows",
+    "layer_output_grad_rows",
     "linear_grads_from_io",
 ]
+
+SUPPORTED_LAYERS: Tuple[type, ...] = (nn.Linear, nn.Conv2d)
+"""Layer types of the hook path (Conv2d only with groups=1)."""
+
+SUPPORTED_TEXT = "nn.Linear, nn.Conv2d with groups=1"
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> per-sample loss (B,)
 
@@ -108,6 +123,10 @@ def linear_grads_from_io(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Materialised per-sample gradients of a Linear layer from its input and output-gradient.
 
+    Also a Conv2d layer's (groups=1), given the rows :class:`LinearGradCapture` records
+    (``a``: (B, L, C_in*kh*kw) patches, ``g``: (B, L, C_out)): the weight gradient comes out as
+    (B, C_out, C_in*kh*kw), the conv weight gradient reshaped to (C_out, -1).
+
     Args:
         a: (B, ..., d_in) layer input; g: (B, ..., d_out) gradient of the summed loss at the output.
         bias: whether the layer has a bias.
@@ -122,24 +141,120 @@ def linear_grads_from_io(
     return w, (g3.sum(dim=1) if bias else None)
 
 
+def _is_supported(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Conv2d):
+        return mod.groups == 1
+    return isinstance(mod, nn.Linear)
+
+
+def check_supported_layers(modules: Dict[str, nn.Module], fallback: str = "") -> None:
+    """Raise ``ValueError`` naming every layer the hook path cannot handle.
+
+    Args:
+        modules: ``{name: module}``.
+        fallback: extra sentence naming the alternative for other layers.
+    """
+    bad = {n: m for n, m in modules.items() if not _is_supported(m)}
+    if bad:
+        desc = ", ".join(
+            f"{n!r} ({type(m).__name__}"
+            + (f", groups={m.groups}" if isinstance(m, nn.Conv2d) else "")
+            + ")"
+            for n, m in bad.items()
+        )
+        raise ValueError(
+            f"The layer hook path supports {SUPPORTED_TEXT}; {desc} "
+            f"{'is' if len(bad) == 1 else 'are'} not. "
+            + (
+                fallback
+                or "The torch.func path (per_sample_grads) and method='arnoldi' handle any layer; "
+                "or choose only Linear/Conv2d layers."
+            )
+        )
+
+
+def layer_dims(module: nn.Module) -> Tuple[int, int, bool]:
+    """``(d_out, d_in, has_bias)`` of a supported layer; Conv2d: ``d_in = C_in * kh * kw``."""
+    check_supported_layers({type(module).__name__: module})
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels, module.in_channels * kh * kw, module.bias is not None
+    return module.out_features, module.in_features, module.bias is not None
+
+
+def _conv_pads(mod: nn.Conv2d) -> Optional[List[int]]:
+    """``F.pad`` widths [w_left, w_right, h_left, h_right] when unfold's symmetric zero padding
+    cannot express the conv's padding (string padding, non-zero padding modes); else None."""
+    if not isinstance(mod.padding, str) and mod.padding_mode == "zeros":
+        return None
+    pads: List[int] = []
+    for i in (1, 0):  # F.pad starts with the last dimension
+        if mod.padding == "valid":
+            left = right = 0
+        elif mod.padding == "same":
+            total = mod.dilation[i] * (mod.kernel_size[i] - 1)
+            left, right = total // 2, total - total // 2
+        else:
+            left = right = int(mod.padding[i])
+        pads += [left, right]
+    return pads
+
+
+def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer input as rows ``a`` of the Linear form ``y = W a (+ b)``.
+
+    Args:
+        module: nn.Linear or nn.Conv2d (groups=1).
+        x: the layer input; Linear (B, ..., d_in), Conv2d (B, C_in, H, W).
+
+    Returns:
+        Linear: ``x`` itself; Conv2d: unfolded patches (B, L, C_in*kh*kw), L output positions.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return x
+    pads = _conv_pads(module)
+    padding: Any = module.padding
+    if pads is not None:
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+        padding = 0
+    cols = F.unfold(
+        x,
+        kernel_size=module.kernel_size,
+        dilation=module.dilation,
+        padding=padding,
+        stride=module.stride,
+    )  # (B, C_in*kh*kw, L)
+    return cols.transpose(1, 2)
+
+
+def layer_output_grad_rows(module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """The output-gradient as rows ``g``: Linear (B, ..., d_out) as is; Conv2d (B, C_out, H, W)
+    -> (B, H*W, C_out), positions in the order of :func:`layer_input_rows`."""
+    if not isinstance(module, nn.Conv2d):
+        return grad
+    return grad.flatten(2).transpose(1, 2)
+
+
 class LinearGradCapture:
-    """Records, per ``nn.Linear``, its input ``a`` and the gradient ``g`` at its output.
+    """Records, per layer, its input ``a`` and the gradient ``g`` at its output (Linear form).
 
     Forward hooks keep ``a`` (detached) and attach a tensor hook to the output that stores ``g``
     when the backward pass reaches it. Used for the training step itself (online TracIn) and for
     an extra pass where only the layer outputs are differentiated (``torch.autograd.grad``).
 
+    ``nn.Linear``: ``inputs[name]`` (B, ..., d_in), ``grads[name]`` (B, ..., d_out).
+    ``nn.Conv2d`` (groups=1): ``inputs[name]`` = unfolded patches (B, L, C_in*kh*kw) and
+    ``grads[name]`` (B, L, C_out), so :func:`linear_grads_from_io` serves both. ``outputs[name]``
+    is the raw layer output (Conv2d: (B, C_out, H, W)); a gradient taken w.r.t. it with
+    ``torch.autograd.grad`` is turned into rows by :func:`layer_output_grad_rows`.
+
     Args:
-        modules: ``{name: nn.Linear}``.
+        modules: ``{name: nn.Linear | nn.Conv2d}``.
     """
 
     def __init__(self, modules: Dict[str, nn.Module]) -> None:
-        bad = [n for n, m in modules.items() if not isinstance(m, nn.Linear)]
-        if bad:
-            raise ValueError(
-                f"The Linear fast path needs nn.Linear layers; {bad} are not. Use the torch.func "
-                "path (per_sample_grads) for other layers."
-            )
+        check_supported_layers(modules)
         self.modules = modules
         self.inputs: Dict[str, torch.Tensor] = {}
         self.outputs: Dict[str, torch.Tensor] = {}
@@ -174,12 +289,16 @@ class LinearGradCapture:
         def hook(mod: nn.Module, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
             if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
                 return
-            self.inputs[name] = inputs[0].detach()
+            with torch.no_grad():
+                self.inputs[name] = layer_input_rows(mod, inputs[0].detach())
             self.outputs[name] = output
 
             def keep(grad: torch.Tensor) -> None:
-                self.grads[name] = grad.detach()
+                self.grads[name] = layer_output_grad_rows(mod, grad.detach())
 
             output.register_hook(keep)
 
         return hook
+
+
+LayerGradCapture = LinearGradCapture

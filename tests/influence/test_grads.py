@@ -189,7 +189,9 @@ def test_linear_capture_inactive_and_no_grad_record_nothing():
 
 def test_linear_capture_refuses_other_layers():
     with pytest.raises(ValueError, match="nn.Linear"):
-        LinearGradCapture({"conv": nn.Conv2d(1, 1, 3)})
+        LinearGradCapture({"conv": nn.Conv1d(1, 1, 3)})
+    with pytest.raises(ValueError, match="groups=1"):
+        LinearGradCapture({"conv": nn.Conv2d(2, 2, 3, groups=2)})
 
 
 # --------------------------------------------------------------------------- select_parameters
@@ -225,7 +227,7 @@ def _flat_linear(want, names, bias=True):
 def test_featurizer_exact_linear_path_equals_loop():
     model = mlp()
     batch = mlp_batch()
-    feat = GradientFeaturizer({"0": model[0], "2": model[2]}, projection_dim=None)
+    feat = GradientFeaturizer({"0": model[0], "2": model[2]}, projection_dim=None, factored=False)
     assert feat.linear and feat.dim == feat.total == 7 * 6 + 3 * 8
     got = feat(model, batch, ce_loss)
     want = loop_grads(model, dict(model.named_parameters()), ce_loss, batch, 6)
@@ -244,7 +246,7 @@ def test_featurizer_projected_linear_equals_kronecker_of_exact():
     model = SeqModel().to(DT)
     batch = seq_batch()
     modules = {"inp": model.inp, "out": model.out}
-    exact = GradientFeaturizer(modules, projection_dim=None)(model, batch, seq_loss)
+    exact = GradientFeaturizer(modules, projection_dim=None, factored=False)(model, batch, seq_loss)
     proj = GradientFeaturizer(modules, projection_dim=20, seed=3)
     got = proj(model, batch, seq_loss)
     mats = [proj.projectors[n].full_matrix().to(DT) for n in modules]
@@ -298,9 +300,11 @@ def test_featurizer_projection_not_smaller_than_gradient_warns_and_is_exact():
     model = mlp()
     batch = mlp_batch()
     with pytest.warns(UserWarning, match="not smaller than the gradient size 66"):
-        feat = GradientFeaturizer({"0": model[0], "2": model[2]}, projection_dim=66)
+        feat = GradientFeaturizer(
+            {"0": model[0], "2": model[2]}, projection_dim=66, factored=False
+        )
     assert feat.projection_dim is None and feat.dim == 66 and not feat.projectors
-    exact = GradientFeaturizer({"0": model[0], "2": model[2]}, projection_dim=None)
+    exact = GradientFeaturizer({"0": model[0], "2": model[2]}, projection_dim=None, factored=False)
     torch.testing.assert_close(feat(model, batch, ce_loss), exact(model, batch, ce_loss))
 
 

@@ -1,0 +1,406 @@
+"""InfluenceAnalysis: influence functions at the end of training (exact, CG, Arnoldi, K-FAC,
+EK-FAC), or on demand for a trained model with :meth:`InfluenceAnalysis.run`.
+
+score(q, z) = grad l(q)^T (H + damping I)^{-1} grad l(z): positive = proponent. The formulas live
+in :mod:`lightning_memo.influence.methods`; this file decides which data, which ranks, which files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..capture import resolve_layers
+from ..data import Accessor, get_indices, get_labels, make_accessor
+from ..distributed import gather_rows, world_size
+from ..influence.features import GradientFeaturizer
+from ..influence.grads import SUPPORTED_LAYERS
+from ..influence.methods import (
+    METHODS,
+    KFACInfluence,
+    make_method,
+    param_checksum,
+    query_matrix,
+    train_pass,
+)
+from ..influence.tracin import top_k as top_k_of
+from ..logging import resolve_output_dir
+from .common import RankShard, sequential_loader
+from .tracin import module_per_sample_loss
+
+__all__ = ["InfluenceAnalysis"]
+
+
+class InfluenceAnalysis(Callback):
+    """Influence of every training sample on queries, self-influence and top-k proponents /
+    opponents, computed when training ends (``on_fit_end``) or with :meth:`run`.
+
+    Args:
+        method: ``"ekfac"``, ``"kfac"``, ``"arnoldi"``, ``"exact"`` (full Hessian, small heads)
+            or ``"cg"`` (conjugate gradients on Hessian-vector products).
+        layers: layer names / globs / modules (default: every trainable ``nn.Linear``, plus
+            ``nn.Conv2d`` for K-FAC / EK-FAC).
+        train: training DataLoader to score (default: the Trainer's, read sequentially).
+        queries: query DataLoader with labels (default: the Trainer's validation loader, if any).
+        hessian_data: DataLoader for the curvature (default: the first ``max_examples`` training
+            samples).
+        damping: lambda > 0; ``None``: 0.1 x mean eigenvalue (per layer for K-FAC).
+        arnoldi_dim, arnoldi_k: Krylov iterations and eigenpairs kept (``method="arnoldi"``).
+        fisher: ``"true"`` (labels sampled from the model) or ``"empirical"`` (K-FAC / EK-FAC).
+        max_examples: samples used to fit the curvature.
+        top_k: proponents / opponents kept per query.
+        loss_fn: ``(module, batch) -> (B,)``; default ``module.per_sample_loss(batch)``.
+        output_fn: ``(module, batch) -> logits (B, C)`` for the true Fisher; default
+            ``module(inputs)`` with the input accessor.
+        index_key, label_key, input_key: batch accessors (see ``lightning_memo.data``).
+        image_shape: reshape flat inputs for image grids; n_show: queries drawn.
+        output_dir: result folder (default ``<log_dir>/lightning_memo/influence``).
+        cache: reuse saved factors / scores when the configuration and the weights are unchanged.
+        run_on_fit_end: run automatically when ``trainer.fit`` ends.
+        progress: progress bars; seed: Arnoldi start vector and Fisher label sampling.
+    """
+
+    def __init__(
+        self,
+        method: str = "ekfac",
+        layers: Any = None,
+        train: Any = None,
+        queries: Any = None,
+        hessian_data: Any = None,
+        damping: Optional[float] = None,
+        arnoldi_dim: int = 200,
+        arnoldi_k: int = 50,
+        fisher: str = "true",
+        max_examples: int = 1000,
+        top_k: int = 10,
+        loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+        output_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+        index_key: Accessor = None,
+        label_key: Accessor = None,
+        input_key: Accessor = None,
+        image_shape: Optional[Sequence[int]] = None,
+        n_show: int = 4,
+        output_dir: Optional[str] = None,
+        cache: bool = True,
+        run_on_fit_end: bool = True,
+        progress: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: use one of {list(METHODS)}.")
+        if max_examples < 1:
+            raise ValueError(f"max_examples={max_examples}: use a positive number of samples.")
+        # validates damping, arnoldi_dim / arnoldi_k and fisher now rather than after training
+        if method == "arnoldi":
+            make_method(method, {}, damping, arnoldi_dim, arnoldi_k)
+        elif damping is not None:
+            make_method("exact", {}, damping)
+        if fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher={fisher!r}: use 'true' or 'empirical'.")
+        self.method, self.layers, self.damping = method, layers, damping
+        self.train, self.queries, self.hessian_data = train, queries, hessian_data
+        self.arnoldi_dim, self.arnoldi_k, self.fisher = arnoldi_dim, arnoldi_k, fisher
+        self.max_examples, self.top_k, self.seed = int(max_examples), int(top_k), int(seed)
+        self.loss_fn, self.output_fn = loss_fn, output_fn
+        self._get_index = make_accessor(index_key, "index")
+        self._get_label = make_accessor(label_key, "label")
+        self._get_input = make_accessor(input_key, "input")
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.n_show, self.output_dir, self.cache = n_show, output_dir, cache
+        self.run_on_fit_end, self.progress = run_on_fit_end, progress
+        # results
+        self.self_influence: Optional[torch.Tensor] = None  # (N,) float64
+        self.hinv_norm: Optional[torch.Tensor] = None  # (N,) ||(H + lambda)^-1 g||: RelatIF
+        self.scores: Optional[torch.Tensor] = None  # (n_query, N)
+        self.labels: Optional[torch.Tensor] = None
+        self.estimator: Any = None
+        self.reused: Dict[str, bool] = {"factors": False, "scores": False}
+        self.out_dir: Optional[str] = None
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.out_dir = resolve_output_dir(trainer, self.output_dir, "influence")  # all ranks
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.run_on_fit_end:
+            self.run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ the analysis
+    def run(
+        self, trainer: Trainer, model: LightningModule, train: Any = None, queries: Any = None
+    ) -> InfluenceAnalysis:
+        """Fit the curvature, then self-influence, scores and top-k for ``model`` as it is now.
+
+        Call it on every rank under DDP. ``train`` / ``queries`` override the constructor's.
+        """
+        if self.out_dir is None:
+            self.out_dir = resolve_output_dir(trainer, self.output_dir, "influence")
+        train = train if train is not None else self.train
+        if train is None:
+            train = trainer.train_dataloader
+        if train is None:
+            raise ValueError(
+                "No training data to score: pass train= (a DataLoader over an IndexedDataset) to "
+                "InfluenceAnalysis or to run(), or call run() after trainer.fit."
+            )
+        queries = queries if queries is not None else self.queries
+        if queries is None:
+            val = trainer.val_dataloaders
+            queries = val[0] if isinstance(val, (list, tuple)) and val else val
+        ds = getattr(train, "dataset", None)
+        if ds is None or not hasattr(ds, "__len__"):
+            raise TypeError(
+                "InfluenceAnalysis needs a map-style training dataset wrapped with IndexedDataset."
+            )
+        n = len(ds)
+        modules = self._modules(model)
+        feats = GradientFeaturizer(modules, projection_dim=None, factored=False)
+        loss = self.loss_fn or module_per_sample_loss
+        show = self.progress and trainer.is_global_zero
+
+        def bar(desc: str) -> Optional[Callable[[Iterable[Any]], Iterable[Any]]]:
+            from tqdm.auto import tqdm
+
+            return lambda it: tqdm(it, desc=f"Influence ({self.method}): {desc}", leave=False,
+                                   disable=not show)  # fmt: skip
+
+        def grad_fn(batch: Any) -> Dict[str, torch.Tensor]:
+            batch = trainer.strategy.batch_to_device(batch)
+            return {k: v.detach() for k, v in feats.grad_dict(model, batch, loss).items()}
+
+        config = self._config(modules, feats, n)
+        was_training = model.training
+        model.eval()
+        try:
+            est = self._fit(trainer, model, modules, feats, loss, train, config, bar)
+            est.check_model(feats.params)
+            self.estimator = est
+            q_rows = None
+            if queries is not None:
+                self._check_query_labels(queries)
+                q_rows = query_matrix(est, grad_fn, queries, bar("query gradients"))
+            cached = self._load_scores(config, q_rows)
+            if cached is None:
+                shard = sequential_loader(trainer, train)
+                out = train_pass(
+                    est,
+                    grad_fn,
+                    shard,
+                    n,
+                    index_fn=lambda b: get_indices(b, self._get_index, n, check_duplicates=False),
+                    query_rows=q_rows,
+                    want_norm=True,
+                    progress=bar("train gradients"),
+                )
+                cached = self._gather(trainer, out, q_rows is not None)
+                self._save_scores(trainer, config, cached, q_rows)
+            self.self_influence = cached["self_influence"]
+            self.hinv_norm = cached["hinv_norm"]
+            self.scores = cached.get("scores")
+        finally:
+            model.train(was_training)
+        self.labels = self._labels(train, n)
+        if trainer.is_global_zero:
+            self._write(trainer, config, train, queries)
+        return self
+
+    # ------------------------------------------------------------------ pieces
+    def _modules(self, model: nn.Module) -> Dict[str, nn.Module]:
+        kinds = SUPPORTED_LAYERS if self.method in ("kfac", "ekfac") else (nn.Linear,)
+        if self.layers is None:
+            mods = {
+                n: m
+                for n, m in model.named_modules()
+                if isinstance(m, kinds)
+                and any(p.requires_grad for p in m.parameters(recurse=False))
+            }
+            if not mods:
+                raise ValueError(
+                    f"The model has no trainable {[k.__name__ for k in kinds]} layer; pass "
+                    "layers= naming layers with trainable parameters."
+                )
+            return mods
+        return resolve_layers(model, self.layers)
+
+    def _config(self, modules: Dict[str, nn.Module], feats: GradientFeaturizer, n: int) -> dict:
+        return {
+            "method": self.method,
+            "layers": list(modules),
+            "damping": self.damping,
+            "arnoldi_dim": self.arnoldi_dim if self.method == "arnoldi" else None,
+            "arnoldi_k": self.arnoldi_k if self.method == "arnoldi" else None,
+            "fisher": self.fisher if self.method in ("kfac", "ekfac") else None,
+            "max_examples": self.max_examples,
+            "seed": self.seed,
+            "num_train": n,
+            "num_parameters": feats.total,
+            "checksum": param_checksum(feats.params),
+        }
+
+    def _hessian_loader(self, trainer: Trainer, train: Any, shard: bool) -> Any:
+        """The curvature data: ``hessian_data`` or the first ``max_examples`` training samples;
+        sharded over ranks for K-FAC (sum statistics), whole on every rank otherwise."""
+        src = self.hessian_data if self.hessian_data is not None else train
+        ds = src.dataset
+        keep = list(range(min(len(ds), self.max_examples)))
+        sub = Subset(ds, keep)
+        sampler = None
+        if shard and world_size(trainer.strategy) > 1:
+            sampler = RankShard(len(sub), trainer.global_rank, trainer.world_size)
+        return DataLoader(
+            sub,
+            batch_size=src.batch_size or 64,
+            sampler=sampler,
+            shuffle=False,
+            collate_fn=src.collate_fn,
+        )
+
+    def _fit(self, trainer, model, modules, feats, loss, train, config, bar):
+        est = make_method(
+            self.method,
+            modules,
+            self.damping,
+            self.arnoldi_dim,
+            self.arnoldi_k,
+            self.fisher,
+            self.max_examples,
+            self.seed,
+        )
+        path = os.path.join(self.out_dir, "factors.pt")
+        if self.cache and os.path.exists(path):
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            if saved.get("config") == config:
+                est.load_state_dict(saved["state"])
+                self.reused["factors"] = True
+                return est
+        is_kfac = isinstance(est, KFACInfluence)
+        data = self._hessian_loader(trainer, train, shard=is_kfac)
+        device_data = _OnDevice(data, trainer.strategy)
+        kw: Dict[str, Any] = {"progress": bar("fitting the curvature")}
+        if is_kfac:
+            kw["output_fn"] = self.output_fn or self._default_output
+            if world_size(trainer.strategy) > 1:
+                kw["reduce"] = lambda stats: {
+                    k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in stats.items()
+                }
+        est.fit(model, feats.params, loss, device_data, **kw)
+        if trainer.is_global_zero:
+            os.makedirs(self.out_dir, exist_ok=True)
+            torch.save({"config": config, "state": est.state_dict()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return est
+
+    def _default_output(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return model(self._get_input(batch))
+
+    def _check_query_labels(self, queries: Any) -> None:
+        for batch in queries:
+            try:
+                get_labels(batch, self._get_label)
+            except ValueError as err:
+                raise ValueError(f"The query loader has no labels: {err}") from None
+            return
+
+    def _gather(self, trainer: Trainer, out: Dict[str, torch.Tensor], with_scores: bool) -> dict:
+        """Merge every rank's share (rows by sample index) into full (N,) / (n_query, N)."""
+        idx = torch.nonzero(out["seen"]).reshape(-1)
+        cols = [out["self_influence"][idx, None], out["hinv_norm"][idx, None]]
+        if with_scores:
+            cols.append(out["scores"][:, idx].T.double())
+        vals = torch.cat(cols, dim=1)
+        dev = trainer.strategy.root_device
+        idx, vals = gather_rows(trainer.strategy, idx.to(dev), vals.to(dev))
+        idx, vals = idx.cpu(), vals.cpu()
+        n = out["seen"].shape[0]
+        full = torch.zeros(n, vals.shape[1], dtype=torch.float64)
+        full[idx] = vals
+        missing = n - int(torch.unique(idx).numel())
+        if missing:
+            rank_zero_warn(f"InfluenceAnalysis: {missing} of {n} training samples were not scored.")
+        res = {"self_influence": full[:, 0].clone(), "hinv_norm": full[:, 1].clone()}
+        if with_scores:
+            res["scores"] = full[:, 2:].T.to(out["scores"].dtype).contiguous()
+        return res
+
+    @staticmethod
+    def _query_key(q_rows: Optional[torch.Tensor]) -> Optional[list]:
+        """Fingerprint of the preconditioned queries: (count, sum, sum of squares)."""
+        if q_rows is None:
+            return None
+        q = q_rows.double()
+        return [int(q.shape[0]), float(q.sum()), float(q.square().sum())]
+
+    def _load_scores(self, config: dict, q_rows: Optional[torch.Tensor]) -> Optional[dict]:
+        path = os.path.join(self.out_dir, "scores.pt")
+        if not (self.cache and os.path.exists(path)):
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        want, got = self._query_key(q_rows), saved.get("queries")
+        if saved.get("config") != config or (want is None) != (got is None):
+            return None
+        if want is not None and not np.allclose(want, got, rtol=1e-6, atol=0):
+            return None
+        self.reused["scores"] = True
+        return saved["results"]
+
+    def _save_scores(
+        self, trainer: Trainer, config: dict, results: dict, q_rows: Optional[torch.Tensor]
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = os.path.join(self.out_dir, "scores.pt")
+        os.makedirs(self.out_dir, exist_ok=True)
+        saved = {"config": config, "queries": self._query_key(q_rows), "results": results}
+        torch.save(saved, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def _labels(self, train: Any, n: int) -> torch.Tensor:
+        labels = torch.full((n,), -1, dtype=torch.long)
+        for batch in DataLoader(train.dataset, batch_size=256, collate_fn=train.collate_fn):
+            try:
+                idx = get_indices(batch, self._get_index, n, check_duplicates=False)
+                labels[idx.cpu()] = get_labels(batch, self._get_label).reshape(-1).cpu()
+            except ValueError:
+                break
+        return labels
+
+    # ------------------------------------------------------------------ results
+    def top_k_for(self, query_index: int, k: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Proponents and opponents (training indices and scores) of one query."""
+        if self.scores is None:
+            raise ValueError("No scores: run the analysis with a query loader (queries=).")
+        row = self.scores[query_index]
+        pro, opp = top_k_of(row, k or self.top_k)
+        return {
+            "proponents": pro.numpy(),
+            "proponent_scores": row[pro].numpy(),
+            "opponents": opp.numpy(),
+            "opponent_scores": row[opp].numpy(),
+        }
+
+    def _write(self, trainer: Trainer, config: dict, train: Any, queries: Any) -> None:
+        from .influence_report import write_report
+
+        write_report(self, trainer, config, train, queries)
+
+
+class _OnDevice:
+    """Re-iterable view of a loader whose batches are moved to the strategy's device."""
+
+    def __init__(self, loader: Any, strategy: Any) -> None:
+        self.loader, self.strategy = loader, strategy
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.strategy.batch_to_device(batch)
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -1,0 +1,239 @@
+"""InfluenceAnalysis: results vs a brute-force damped Hessian solve, caching, run(), bad input."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_memo import InfluenceAnalysis, TracIn
+from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, trainer
+
+N = 120
+DAMPING = 0.05
+
+
+class PSMLP(TinyMLP):
+    def per_sample_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+
+def queries(n=10, seed=1, labels=True):
+    xq, yq = make_data(n, seed=seed)
+    ds = TensorDataset(xq, yq) if labels else TensorDataset(xq)
+    return DataLoader(ds, batch_size=4)
+
+
+def fit(tmp_path, callbacks, epochs=2, shuffle=True, model=None, **kw):
+    L.seed_everything(0, verbose=False)
+    model = model or PSMLP()
+    trainer(tmp_path, callbacks, max_epochs=epochs, **kw).fit(model, make_loader(shuffle=shuffle))
+    return model
+
+
+def brute_last_layer(model, damping):
+    """Scores, self-influence and ||H^-1 g|| of the last Linear layer's (W, b) by autograd:
+    H = Hessian of the mean cross-entropy over all N training samples (PSD for a last layer)."""
+    x, y = make_data(N)
+    xq, yq = make_data(10, seed=1)
+    with torch.no_grad():
+        h, hq = model.net[:4](x).double(), model.net[:4](xq).double()
+    w0 = torch.cat([model.net[4].weight.detach().reshape(-1), model.net[4].bias.detach()]).double()
+
+    def logits(theta, feats):
+        return feats @ theta[:48].reshape(3, 16).T + theta[48:]
+
+    hess = torch.autograd.functional.hessian(lambda t: F.cross_entropy(logits(t, h), y), w0)
+
+    def grads(feats, labels):
+        rows = []
+        for i in range(feats.shape[0]):
+            t = w0.clone().requires_grad_(True)
+            loss = F.cross_entropy(logits(t, feats[i : i + 1]), labels[i : i + 1])
+            rows.append(torch.autograd.grad(loss, t)[0])
+        return torch.stack(rows)
+
+    gz, gq = grads(h, y), grads(hq, yq)
+    evals, evecs = torch.linalg.eigh(hess)
+    hinv = evecs @ torch.diag(1 / (evals.clamp(min=0) + damping)) @ evecs.T
+    return gq @ hinv @ gz.T, ((gz @ hinv) * gz).sum(1), (gz @ hinv).norm(dim=1)
+
+
+def assert_close(got, want, rtol):
+    """Relative to the largest magnitude (values near 0 are compared in absolute terms)."""
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["exact", "cg", "arnoldi"])
+def test_last_layer_equals_brute_force(tmp_path, method):
+    """Shuffled training loader: results are placed by sample index, not by position."""
+    kw = {"arnoldi_dim": 51, "arnoldi_k": 51} if method == "arnoldi" else {}
+    ia = InfluenceAnalysis(
+        method=method,
+        layers=["net.4"],
+        queries=queries(),
+        damping=DAMPING,
+        max_examples=N,
+        progress=False,
+        output_dir=str(tmp_path / "out"),
+        **kw,
+    )
+    model = fit(tmp_path, [ia])
+    want_scores, want_self, want_norm = brute_last_layer(model, DAMPING)
+    rtol = 1e-4 if method != "exact" else 1e-5  # float32 model: gradients in float32
+    assert_close(ia.scores, want_scores, rtol)
+    assert_close(ia.self_influence, want_self, rtol)
+    assert_close(ia.hinv_norm, want_norm, rtol)
+    csv = read_csv(tmp_path / "out" / "self_influence.csv")
+    np.testing.assert_array_equal(csv["index"], np.arange(N))
+    np.testing.assert_array_equal(csv["label"], make_data(N)[1].numpy())
+    np.testing.assert_allclose(csv["self_influence"], want_self.numpy(), rtol=1e-4)
+    order = torch.argsort(want_scores[3], descending=True)
+    res = ia.top_k_for(3, 5)
+    np.testing.assert_array_equal(res["proponents"], order[:5].numpy())
+    np.testing.assert_array_equal(res["opponents"], order.flip(0)[:5].numpy())
+    top = read_csv(tmp_path / "out" / "top_k.csv")
+    assert len(top["query"]) == 10 * ia.top_k
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["method"] == method and cfg["layers"] == ["net.4"] and cfg["num_train"] == N
+    assert cfg["damping_used"] == DAMPING and cfg["num_query"] == 10
+
+
+def test_ekfac_matches_kfac_module_and_is_cached(tmp_path):
+    """Second run with the same config and weights reuses factors and scores; a changed
+    configuration (damping) or changed weights recompute."""
+    out = str(tmp_path / "out")
+    ia = InfluenceAnalysis(queries=queries(), progress=False, output_dir=out, fisher="empirical")
+    model = fit(tmp_path, [ia])
+    assert ia.reused == {"factors": False, "scores": False}
+    assert ia.scores.shape == (10, N) and torch.isfinite(ia.scores).all()
+    assert (ia.self_influence > 0).all() and (ia.hinv_norm > 0).all()
+    tr = trainer(tmp_path, [])
+    again = InfluenceAnalysis(queries=queries(), progress=False, output_dir=out, fisher="empirical")
+    again.run(tr, model, train=make_loader())
+    assert again.reused == {"factors": True, "scores": True}
+    torch.testing.assert_close(again.scores, ia.scores)
+    torch.testing.assert_close(again.self_influence, ia.self_influence)
+    other = InfluenceAnalysis(
+        queries=queries(), progress=False, output_dir=out, fisher="empirical", damping=0.3
+    )
+    other.run(tr, model, train=make_loader())
+    assert other.reused == {"factors": False, "scores": False}
+    assert not torch.allclose(other.self_influence, ia.self_influence)
+    with torch.no_grad():
+        model.net[0].bias.add_(0.1)  # the model changed: checksum differs, refit
+    changed = InfluenceAnalysis(
+        queries=queries(), progress=False, output_dir=out, fisher="empirical"
+    )
+    changed.run(tr, model, train=make_loader())
+    assert changed.reused == {"factors": False, "scores": False}
+    # other queries with the same factors: factors reused, scores recomputed
+    fresh = InfluenceAnalysis(
+        queries=queries(seed=7), progress=False, output_dir=out, fisher="empirical"
+    )
+    fresh.run(tr, model, train=make_loader())
+    assert fresh.reused == {"factors": True, "scores": False}
+
+
+def test_run_on_demand_equals_on_fit_end(tmp_path):
+    auto = InfluenceAnalysis(method="kfac", queries=queries(), progress=False, cache=False)
+    model = fit(tmp_path / "a", [auto])
+    manual = InfluenceAnalysis(method="kfac", queries=queries(), progress=False, cache=False)
+    manual.run(trainer(tmp_path / "b", []), model, train=make_loader())
+    torch.testing.assert_close(manual.scores, auto.scores)
+    torch.testing.assert_close(manual.self_influence, auto.self_influence)
+
+
+def test_tensorboard_and_image_grid(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_memo.callbacks.influence_report import proponent_images
+
+    ia = InfluenceAnalysis(
+        method="kfac", queries=queries(), progress=False, image_shape=(2, 4), n_show=2
+    )
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    fit(tmp_path, [ia], logger=logger)
+    grid = proponent_images(ia, make_loader(), queries())
+    assert grid.shape[0] == 3 and grid.shape[1] > grid.shape[2] / 11 * 2 * 0.5
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    acc.Reload()
+    assert "influence/ekfac/self_influence" not in acc.Tags()["histograms"]
+    assert "influence/kfac/self_influence" in acc.Tags()["histograms"]
+    assert "influence/kfac/proponents_opponents" in acc.Tags()["images"]
+
+
+def test_the_stored_tracin_and_influence_share_one_gradient_path(tmp_path):
+    """TracIn's exact rows and the influence gradients come from one featurizer: the identity
+    'Hessian' (huge damping) turns influence into damping^-1 x the last checkpoint's TracIn."""
+    big = 1e6
+    ia = InfluenceAnalysis(method="exact", layers=["net.4"], damping=big, progress=False)
+    tr = TracIn(layers=["net.4"], projection_dim=None, progress=False)
+    fit(tmp_path, [tr, ia], epochs=1, shuffle=False)
+    lr = 0.05
+    torch.testing.assert_close(ia.self_influence * big, tr.self_influence / lr, rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="method='lissa'"):
+        InfluenceAnalysis(method="lissa")
+    with pytest.raises(ValueError, match="damping=0.0 is not allowed"):
+        InfluenceAnalysis(damping=0.0)
+    with pytest.raises(ValueError, match="damping=-1.0 is not allowed"):
+        InfluenceAnalysis(method="arnoldi", damping=-1.0)
+    with pytest.raises(ValueError, match="top_k=60"):
+        InfluenceAnalysis(method="arnoldi", arnoldi_dim=50, arnoldi_k=60)
+    with pytest.raises(ValueError, match="fisher='model'"):
+        InfluenceAnalysis(fisher="model")
+
+
+class NormMLP(PSMLP):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def test_unsupported_layer_for_kfac(tmp_path):
+    ia = InfluenceAnalysis(layers=["net.1"], progress=False)
+    with pytest.raises(ValueError, match=r"(?s)nn.Linear.*Conv2d.*LayerNorm.*arnoldi"):
+        fit(tmp_path, [ia], epochs=1, model=NormMLP())
+
+
+def test_arnoldi_dim_larger_than_parameter_count(tmp_path):
+    ia = InfluenceAnalysis(
+        method="arnoldi", layers=["net.4"], arnoldi_dim=60, arnoldi_k=10, progress=False
+    )
+    with pytest.raises(ValueError, match=r"arnoldi_dim=60 is larger than the number of param.*51"):
+        fit(tmp_path, [ia], epochs=1)
+
+
+def test_negative_hessian_eigenvalues_warn_with_count(tmp_path):
+    ia = InfluenceAnalysis(method="exact", layers=["net.2"], damping=0.1, progress=False)
+    with pytest.warns(UserWarning, match=r"\d+ of 272 Hessian eigenvalues are negative"):
+        fit(tmp_path, [ia], epochs=1)
+
+
+def test_query_loader_without_labels(tmp_path):
+    ia = InfluenceAnalysis(method="kfac", queries=queries(labels=False), progress=False)
+    with pytest.raises(ValueError, match="The query loader has no labels"):
+        fit(tmp_path, [ia], epochs=1)
+
+
+def test_exact_on_too_many_parameters(tmp_path):
+    ia = InfluenceAnalysis(method="exact", progress=False)
+    model = TinyMLP(hidden=80)
+    model.per_sample_loss = PSMLP.per_sample_loss.__get__(model)
+    with pytest.raises(
+        ValueError, match=r"7443 x 7443 Hessian.*more than 5000 parameters.*layers="
+    ):
+        fit(tmp_path, [ia], epochs=1, model=model)

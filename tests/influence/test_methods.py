@@ -1,0 +1,155 @@
+"""Influence methods through one interface vs a brute-force damped Hessian solve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_memo.influence.features import GradientFeaturizer
+from lightning_memo.influence.methods import (
+    ArnoldiInfluence,
+    ExactInfluence,
+    make_method,
+    query_matrix,
+    train_pass,
+)
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ce_loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def setup(n=24, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (n,), generator=g)
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, n, 8)]
+    feats = GradientFeaturizer({"0": model[0], "2": model[2]}, projection_dim=None)
+    return model, feats, batches
+
+
+def brute(model, batches, queries, damping, clamp=True):
+    """g_q^T (H + damping I)^{-1} g_z with H = autograd Hessian of the mean loss (negative
+    eigenvalues clamped to 0 with ``clamp``, as the eigendecomposition-based methods do)."""
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+
+    def unflat(th):
+        out, s = [], 0
+        for sh in shapes:
+            k = int(torch.tensor(sh).prod())
+            out.append(th[s : s + k].reshape(sh))
+            s += k
+        return out
+
+    def fwd(th, xb):
+        w0, b0, w2, b2 = unflat(th)
+        return torch.tanh(xb @ w0.T + b0) @ w2.T + b2
+
+    def mean_loss(th):
+        return F.cross_entropy(fwd(th, x), y)
+
+    h = torch.autograd.functional.hessian(mean_loss, theta)
+
+    def grads(xb, yb):
+        rows = []
+        for i in range(xb.shape[0]):
+            th = theta.clone().requires_grad_(True)
+            (gr,) = torch.autograd.grad(F.cross_entropy(fwd(th, xb[i : i + 1]), yb[i : i + 1]), th)
+            rows.append(gr)
+        return torch.stack(rows)
+
+    gz, gq = grads(x, y), grads(*queries)
+    evals, evecs = torch.linalg.eigh(h)
+    evals = evals.clamp(min=0) if clamp else evals
+    hinv = evecs @ torch.diag(1 / (evals + damping)) @ evecs.T
+    return gq @ hinv @ gz.T, ((gz @ hinv) * gz).sum(1), (gz @ hinv).norm(dim=1)
+
+
+def run(method, model, feats, batches, queries):
+    method.fit(model, feats.params, ce_loss, batches)
+
+    def grad_fn(b):
+        return feats.grad_dict(model, b, ce_loss)
+
+    q = query_matrix(method, grad_fn, [queries])
+    return train_pass(method, grad_fn, batches, 24, query_rows=q, want_norm=True)
+
+
+@pytest.mark.parametrize("method, damping", [("exact", 0.05), ("cg", 3.0)])
+def test_exact_and_cg_equal_brute_force(method, damping):
+    """CG needs H + damping I positive definite (this Hessian is indefinite: damping 3)."""
+    model, feats, batches = setup()
+    queries = (batches[0][0][:5] * 1.5, batches[0][1][:5])
+    out = run(make_method(method, feats.modules, damping=damping), model, feats, batches, queries)
+    want_scores, want_self, want_norm = brute(model, batches, queries, damping, method == "exact")
+    tol = dict(rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(out["scores"].double(), want_scores, **tol)
+    torch.testing.assert_close(out["self_influence"], want_self, **tol)
+    torch.testing.assert_close(out["hinv_norm"], want_norm, **tol)
+    assert out["seen"].all()
+
+
+def test_arnoldi_full_dimension_equals_exact():
+    model, feats, batches = setup()
+    queries = (batches[1][0][:4], batches[1][1][:4])
+    p = sum(v.numel() for v in feats.params.values())
+    exact = run(ExactInfluence(damping=0.1), model, feats, batches, queries)
+    with pytest.warns(UserWarning):  # the Hessian of this tiny net has negative eigenvalues
+        arn = run(ArnoldiInfluence(0.1, arnoldi_dim=p, top_k=p), model, feats, batches, queries)
+    for key in ("scores", "self_influence", "hinv_norm"):
+        torch.testing.assert_close(arn[key].double(), exact[key].double(), rtol=1e-4, atol=1e-7)
+
+
+def test_arnoldi_top_k_keeps_the_largest_curvature():
+    """Few eigenpairs: self-influence is below the full one (dropped directions count as
+    lambda = infinity... no: as 0 curvature in the *removed* subspace, i.e. they are dropped)."""
+    model, feats, batches = setup()
+    queries = (batches[1][0][:4], batches[1][1][:4])
+    full = run(ExactInfluence(damping=0.1), model, feats, batches, queries)
+    arn = run(ArnoldiInfluence(0.1, arnoldi_dim=30, top_k=10), model, feats, batches, queries)
+    assert arn["self_influence"].shape == (24,)
+    assert (arn["self_influence"] <= full["self_influence"] + 1e-9).all()
+
+
+def test_model_changed_after_fit_is_detected():
+    model, feats, batches = setup()
+    m = ExactInfluence(damping=0.1).fit(model, feats.params, ce_loss, batches)
+    m.check_model(feats.params)
+    with torch.no_grad():
+        model[2].bias.add_(0.01)
+    with pytest.raises(RuntimeError, match="parameters changed after the influence factors"):
+        m.check_model(feats.params)
+
+
+def test_bad_arguments():
+    model, feats, batches = setup()
+    with pytest.raises(ValueError, match="damping=0.0 is not allowed"):
+        ExactInfluence(damping=0.0)
+    with pytest.raises(ValueError, match="damping=-1.0 is not allowed"):
+        make_method("arnoldi", feats.modules, damping=-1.0)
+    with pytest.raises(ValueError, match="method='lissa'"):
+        make_method("lissa", feats.modules)
+    with pytest.raises(ValueError, match=r"arnoldi_dim=100 is larger than the number of param"):
+        ArnoldiInfluence(0.1, arnoldi_dim=100, top_k=5).fit(model, feats.params, ce_loss, batches)
+    big = nn.Linear(200, 120).to(DT)
+    big_params = dict(big.named_parameters())
+    with pytest.raises(ValueError, match=r"24120 x 24120 Hessian.*method='arnoldi'"):
+        ExactInfluence(0.1).fit(big, big_params, lambda m, b: m(b).sum(1), [torch.zeros(2, 200)])
