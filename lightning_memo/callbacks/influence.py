@@ -172,17 +172,21 @@ class InfluenceAnalysis(Callback):
             return lambda it: tqdm(it, desc=f"Influence ({self.method}): {desc}", leave=False,
                                    disable=not show)  # fmt: skip
 
-        def grad_fn(batch: Any) -> Dict[str, torch.Tensor]:
+        def grad_fn(batch: Any) -> Any:
             batch = trainer.strategy.batch_to_device(batch)
+            if not self._uses_gradients:
+                return batch
             return {k: v.detach() for k, v in feats.grad_dict(model, batch, loss).items()}
 
         config = self._config(modules, feats, n)
+        self._uses_gradients = True
         was_training = model.training
         model.eval()
         try:
             est = self._fit(trainer, model, modules, feats, loss, train, config, bar)
             est.check_model(feats.params)
             self.estimator = est
+            self._uses_gradients = est.uses_gradients
             q_rows = None
             if queries is not None:
                 self._check_query_labels(queries)
@@ -282,11 +286,17 @@ class InfluenceAnalysis(Callback):
                 self.reused["factors"] = True
                 return est
         is_kfac = isinstance(est, KFACInfluence)
-        data = self._hessian_loader(trainer, train, shard=is_kfac)
+        if est.fit_data == "train":  # e.g. a last-layer refit: every rank sees all samples
+            data = DataLoader(
+                train.dataset, batch_size=train.batch_size or 64, collate_fn=train.collate_fn
+            )
+        else:
+            data = self._hessian_loader(trainer, train, shard=is_kfac)
         device_data = _OnDevice(data, trainer.strategy)
         kw: Dict[str, Any] = {"progress": bar("fitting the curvature")}
         if is_kfac:
             kw["output_fn"] = self.output_fn or self._default_output
+            kw["mask_fn"] = _attention_mask
             if world_size(trainer.strategy) > 1:
                 kw["reduce"] = lambda stats: {
                     k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in stats.items()
@@ -390,6 +400,11 @@ class InfluenceAnalysis(Callback):
         from .influence_report import write_report
 
         write_report(self, trainer, config, train, queries)
+
+
+def _attention_mask(batch: Any) -> Optional[torch.Tensor]:
+    """The padding mask of a dict batch (key ``attention_mask``), for token-level statistics."""
+    return batch.get("attention_mask") if isinstance(batch, dict) else None
 
 
 class _OnDevice:

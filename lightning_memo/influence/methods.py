@@ -67,6 +67,14 @@ class InfluenceMethod:
     """
 
     name = "base"
+    #: what the row functions receive: per-sample gradients ``{param: (B, *shape)}`` (True) or
+    #: the batch itself, on the model's device (False: e.g. representer points, GEX)
+    uses_gradients = True
+    #: the data ``fit`` receives: ``"hessian"`` (the curvature subset) or ``"train"`` (the whole
+    #: training set, e.g. to refit a last layer)
+    fit_data = "hessian"
+    #: whether pairwise scores exist (boundary influence has only a per-sample score)
+    has_scores = True
 
     def __init__(self, damping: Optional[float] = None) -> None:
         if damping is not None:
@@ -93,8 +101,9 @@ class InfluenceMethod:
         raise NotImplementedError
 
     def hinv_norm(self, grads: Grads) -> torch.Tensor:
-        """(B,) float64: ||(H + lambda I)^{-1} g||."""
-        raise NotImplementedError
+        """(B,) float64: ||(H + lambda I)^{-1} g|| (NaN for methods without a Hessian)."""
+        rows = self.train_rows(grads)
+        return torch.full((rows.shape[0],), float("nan"), dtype=torch.float64)
 
     # -- shared
     def fit(
@@ -417,7 +426,7 @@ def make_method(
 
 
 # ----------------------------------------------------------------------------- drivers
-GradFn = Callable[[Any], Grads]  # batch -> {param name: (B, *shape)}
+GradFn = Callable[[Any], Any]  # batch -> {param name: (B, *shape)} (or the batch: uses_gradients)
 IndexFn = Callable[[Any], torch.Tensor]  # batch -> (B,) sample indices
 
 
@@ -466,17 +475,23 @@ def train_pass(
     pos = 0
     for batch in _wrap(train_batches, progress):
         grads = grad_fn(batch)
-        b = next(iter(grads.values())).shape[0]
+        vals: Dict[str, torch.Tensor] = {}
+        if want_self:
+            vals["self_influence"] = method.self_influence(grads).detach().double().cpu()
+        if want_norm:
+            vals["hinv_norm"] = method.hinv_norm(grads).detach().double().cpu()
+        if query_rows is not None:
+            t = method.train_rows(grads).to(device=dev, dtype=query_rows.dtype)
+            vals["scores"] = (query_rows @ t.T).detach().cpu()
+        b = next(iter(vals.values())).shape[-1] if vals else 0
         idx = index_fn(batch).reshape(-1).cpu() if index_fn is not None else None
         if idx is None:
             idx = torch.arange(pos, pos + b)
         pos += b
         out["seen"][idx] = True
-        if want_self:
-            out["self_influence"][idx] = method.self_influence(grads).detach().double().cpu()
-        if want_norm:
-            out["hinv_norm"][idx] = method.hinv_norm(grads).detach().double().cpu()
-        if query_rows is not None:
-            t = method.train_rows(grads).to(device=dev, dtype=query_rows.dtype)
-            out["scores"][:, idx] = (query_rows @ t.T).detach().cpu()
+        for key, v in vals.items():
+            if key == "scores":
+                out[key][:, idx] = v
+            else:
+                out[key][idx] = v
     return out
