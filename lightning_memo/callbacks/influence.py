@@ -22,14 +22,8 @@ from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, world_size
 from ..influence.features import GradientFeaturizer
 from ..influence.grads import SUPPORTED_LAYERS
-from ..influence.methods import (
-    METHODS,
-    KFACInfluence,
-    make_method,
-    param_checksum,
-    query_matrix,
-    train_pass,
-)
+from ..influence.methods import KFACInfluence, param_checksum, query_matrix, train_pass
+from ..influence.registry import HESSIAN_METHODS, METHODS, make_method
 from ..influence.tracin import top_k as top_k_of
 from ..logging import resolve_output_dir
 from .common import RankShard, sequential_loader
@@ -43,8 +37,10 @@ class InfluenceAnalysis(Callback):
     opponents, computed when training ends (``on_fit_end``) or with :meth:`run`.
 
     Args:
-        method: ``"ekfac"``, ``"kfac"``, ``"arnoldi"``, ``"exact"`` (full Hessian, small heads)
-            or ``"cg"`` (conjugate gradients on Hessian-vector products).
+        method: ``"ekfac"``, ``"kfac"``, ``"arnoldi"``, ``"exact"`` (full Hessian, small heads),
+            ``"cg"`` (conjugate gradients on Hessian-vector products), ``"relatif"`` (on
+            ``relatif_base``), ``"randproj"``, ``"representer"``, ``"representer_lje"``,
+            ``"boundary"`` (self-influence only) or ``"gex"``.
         layers: layer names / globs / modules (default: every trainable ``nn.Linear``, plus
             ``nn.Conv2d`` for K-FAC / EK-FAC).
         train: training DataLoader to score (default: the Trainer's, read sequentially).
@@ -64,7 +60,11 @@ class InfluenceAnalysis(Callback):
         output_dir: result folder (default ``<log_dir>/lightning_memo/influence``).
         cache: reuse saved factors / scores when the configuration and the weights are unchanged.
         run_on_fit_end: run automatically when ``trainer.fit`` ends.
-        progress: progress bars; seed: Arnoldi start vector and Fisher label sampling.
+        progress: progress bars; seed: Arnoldi start vector, Fisher label sampling,
+            projections, ensembles.
+        relatif_base: the curvature under ``method="relatif"``.
+        method_kwargs: options of the methods without a Hessian (e.g. ``{"num_ens": 8}`` for
+            gex, ``{"projection_dim": 1024}`` for randproj, ``{"l2": 1e-3}`` for representer).
     """
 
     def __init__(
@@ -92,10 +92,19 @@ class InfluenceAnalysis(Callback):
         run_on_fit_end: bool = True,
         progress: bool = True,
         seed: int = 0,
+        relatif_base: str = "ekfac",
+        method_kwargs: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method={method!r}: use one of {list(METHODS)}.")
+        if method == "relatif" and relatif_base not in HESSIAN_METHODS:
+            raise ValueError(
+                f"relatif_base={relatif_base!r}: RelatIF needs a Hessian; use one of "
+                f"{list(HESSIAN_METHODS)}."
+            )
+        self.relatif_base = relatif_base
+        self.method_kwargs = dict(method_kwargs or {})
         if max_examples < 1:
             raise ValueError(f"max_examples={max_examples}: use a positive number of samples.")
         # validates damping, arnoldi_dim / arnoldi_k and fisher now rather than after training
@@ -218,7 +227,10 @@ class InfluenceAnalysis(Callback):
 
     # ------------------------------------------------------------------ pieces
     def _modules(self, model: nn.Module) -> Dict[str, nn.Module]:
-        kinds = SUPPORTED_LAYERS if self.method in ("kfac", "ekfac") else (nn.Linear,)
+        kfac = self.method in ("kfac", "ekfac") or (
+            self.method == "relatif" and self.relatif_base in ("kfac", "ekfac")
+        )
+        kinds = SUPPORTED_LAYERS if kfac or self.method == "randproj" else (nn.Linear,)
         if self.layers is None:
             mods = {
                 n: m
@@ -241,7 +253,9 @@ class InfluenceAnalysis(Callback):
             "damping": self.damping,
             "arnoldi_dim": self.arnoldi_dim if self.method == "arnoldi" else None,
             "arnoldi_k": self.arnoldi_k if self.method == "arnoldi" else None,
-            "fisher": self.fisher if self.method in ("kfac", "ekfac") else None,
+            "fisher": self.fisher if self.method in ("kfac", "ekfac", "relatif") else None,
+            "relatif_base": self.relatif_base if self.method == "relatif" else None,
+            "method_kwargs": {k: repr(v) for k, v in sorted(self.method_kwargs.items())},
             "max_examples": self.max_examples,
             "seed": self.seed,
             "num_train": n,
@@ -277,15 +291,18 @@ class InfluenceAnalysis(Callback):
             self.fisher,
             self.max_examples,
             self.seed,
+            relatif_base=self.relatif_base,
+            **self.method_kwargs,
         )
         path = os.path.join(self.out_dir, "factors.pt")
-        if self.cache and os.path.exists(path):
+        if self.cache and est.cacheable and os.path.exists(path):
             saved = torch.load(path, map_location="cpu", weights_only=False)
             if saved.get("config") == config:
                 est.load_state_dict(saved["state"])
                 self.reused["factors"] = True
                 return est
-        is_kfac = isinstance(est, KFACInfluence)
+        base = getattr(est, "base", est)  # RelatIF wraps a curvature method
+        is_kfac = isinstance(base, KFACInfluence)
         if est.fit_data == "train":  # e.g. a last-layer refit: every rank sees all samples
             data = DataLoader(
                 train.dataset, batch_size=train.batch_size or 64, collate_fn=train.collate_fn
@@ -302,7 +319,7 @@ class InfluenceAnalysis(Callback):
                     k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in stats.items()
                 }
         est.fit(model, feats.params, loss, device_data, **kw)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and est.cacheable:
             os.makedirs(self.out_dir, exist_ok=True)
             torch.save({"config": config, "state": est.state_dict()}, path + ".tmp")
             os.replace(path + ".tmp", path)

@@ -17,11 +17,12 @@ from .methods import (
     ExactInfluence,
     InfluenceMethod,
     KFACInfluence,
-    make_method,
     query_matrix,
     train_pass,
 )
 from .projection import DenseProjector, KroneckerProjector, kronecker_dims, random_matrix
+from .registry import METHODS, make_method
+from .relatif import RelatIFInfluence
 from .tracin import (
     GradientStore,
     row_dot,
@@ -50,6 +51,8 @@ __all__ = [
     "ArnoldiInfluence",
     "KFACInfluence",
     "make_method",
+    "METHODS",
+    "RelatIFInfluence",
     "query_matrix",
     "train_pass",
     "LinearGradCapture",

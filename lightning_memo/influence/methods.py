@@ -37,8 +37,6 @@ __all__ = [
     "ExactInfluence",
     "ArnoldiInfluence",
     "KFACInfluence",
-    "make_method",
-    "METHODS",
     "param_checksum",
     "query_matrix",
     "train_pass",
@@ -75,6 +73,8 @@ class InfluenceMethod:
     fit_data = "hessian"
     #: whether pairwise scores exist (boundary influence has only a per-sample score)
     has_scores = True
+    #: whether ``state_dict`` / ``load_state_dict`` restore a fitted method (factor caching)
+    cacheable = False
 
     def __init__(self, damping: Optional[float] = None) -> None:
         if damping is not None:
@@ -156,6 +156,8 @@ class ExactInfluence(InfluenceMethod):
     """
 
     name = "exact"
+
+    cacheable = True
 
     def __init__(
         self,
@@ -259,6 +261,8 @@ class ArnoldiInfluence(InfluenceMethod):
 
     name = "arnoldi"
 
+    cacheable = True
+
     def __init__(
         self,
         damping: Optional[float] = None,
@@ -330,6 +334,8 @@ class KFACInfluence(InfluenceMethod):
         max_examples: cap on the samples used for the factors; seed: label sampling.
     """
 
+    cacheable = True
+
     def __init__(
         self,
         modules: Dict[str, nn.Module],
@@ -397,32 +403,6 @@ class KFACInfluence(InfluenceMethod):
         super().load_state_dict(state)
         self.kfac = KFAC(self.modules, ekfac=self.ekfac, damping=self.damping)
         self.kfac.load_state_dict(state["kfac"])
-
-
-METHODS = ("ekfac", "kfac", "arnoldi", "exact", "cg")
-
-
-def make_method(
-    method: str,
-    modules: Dict[str, nn.Module],
-    damping: Optional[float] = None,
-    arnoldi_dim: int = 200,
-    top_k_eigen: int = 50,
-    fisher: str = "true",
-    max_examples: Optional[int] = None,
-    seed: int = 0,
-    curvature: str = "hessian",
-) -> InfluenceMethod:
-    """Build a method by name: ``"ekfac"``, ``"kfac"``, ``"arnoldi"``, ``"exact"``, ``"cg"``."""
-    if method in ("ekfac", "kfac"):
-        return KFACInfluence(modules, damping, method == "ekfac", fisher, max_examples, seed)
-    if method == "arnoldi":
-        return ArnoldiInfluence(damping, arnoldi_dim, top_k_eigen, seed)
-    if method == "exact":
-        return ExactInfluence(damping, curvature)
-    if method == "cg":
-        return ExactInfluence(damping, "hessian", solver="cg")
-    raise ValueError(f"method={method!r}: use one of {list(METHODS)}.")
 
 
 # ----------------------------------------------------------------------------- drivers

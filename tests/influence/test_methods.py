@@ -11,10 +11,10 @@ from lightning_memo.influence.features import GradientFeaturizer
 from lightning_memo.influence.methods import (
     ArnoldiInfluence,
     ExactInfluence,
-    make_method,
     query_matrix,
     train_pass,
 )
+from lightning_memo.influence.registry import make_method
 
 DT = torch.float64
 
@@ -87,7 +87,7 @@ def run(method, model, feats, batches, queries):
     method.fit(model, feats.params, ce_loss, batches)
 
     def grad_fn(b):
-        return feats.grad_dict(model, b, ce_loss)
+        return feats.grad_dict(model, b, ce_loss) if method.uses_gradients else b
 
     q = query_matrix(method, grad_fn, [queries])
     return train_pass(method, grad_fn, batches, 24, query_rows=q, want_norm=True)
@@ -153,3 +153,45 @@ def test_bad_arguments():
     big_params = dict(big.named_parameters())
     with pytest.raises(ValueError, match=r"24120 x 24120 Hessian.*method='arnoldi'"):
         ExactInfluence(0.1).fit(big, big_params, lambda m, b: m(b).sum(1), [torch.zeros(2, 200)])
+
+
+def test_relatif_equals_brute_force():
+    """RelatIF(q, z) = g_q^T H^-1 g_z / ||H^-1 g_z||, on the exact Hessian."""
+    model, feats, batches = setup()
+    queries = (batches[0][0][:5] * 1.5, batches[0][1][:5])
+    method = make_method("relatif", feats.modules, damping=0.05, relatif_base="exact")
+    out = run(method, model, feats, batches, queries)
+    want_scores, want_self, want_norm = brute(model, batches, queries, 0.05)
+    tol = dict(rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(out["scores"].double(), want_scores / want_norm, **tol)
+    torch.testing.assert_close(out["self_influence"], want_self / want_norm, **tol)
+    torch.testing.assert_close(out["hinv_norm"], want_norm, **tol)
+    with pytest.raises(ValueError, match="relatif_base='gex'.*needs a Hessian"):
+        make_method("relatif", feats.modules, relatif_base="gex")
+
+
+def test_randproj_is_an_unbiased_gradient_dot_product():
+    """randproj: <P g_q, P g_z>; the mean over seeds approaches g_q . g_z (identity curvature)."""
+    model, feats, batches = setup()
+    queries = (batches[0][0][:5] * 1.5, batches[0][1][:5])
+    gz = torch.cat([feats(model, b, ce_loss) for b in batches])  # exact factored rows
+    gq = feats(model, queries, ce_loss)
+    want = feats.pair_products(gq, gz)
+    mean = torch.zeros_like(want)
+    seeds = 100
+    for s in range(seeds):
+        method = make_method("randproj", feats.modules, seed=s, projection_dim=20)
+        out = run(method, model, feats, batches, queries)
+        mean += out["scores"].double() / seeds
+        if s == 0:
+            torch.testing.assert_close(
+                out["self_influence"], torch.diag(run_rows(method, batches))
+            )
+            assert torch.isnan(out["hinv_norm"]).all()  # no Hessian
+    rel = (mean - want).abs().max() / want.abs().max()
+    assert rel < 0.15, float(rel)
+
+
+def run_rows(method, batches):
+    rows = torch.cat([method.train_rows(b) for b in batches])
+    return rows @ rows.T
