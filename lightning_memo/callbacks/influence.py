@@ -133,6 +133,7 @@ class InfluenceAnalysis(Callback):
         self.estimator: Any = None
         self.reused: Dict[str, bool] = {"factors": False, "scores": False}
         self.out_dir: Optional[str] = None
+        self._ctx: Optional[Dict[str, Any]] = None  # what group_influence needs after run()
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -215,6 +216,10 @@ class InfluenceAnalysis(Callback):
                 )
                 cached = self._gather(trainer, out, q_rows is not None)
                 self._save_scores(trainer, config, cached, q_rows)
+            self._ctx = dict(
+                trainer=trainer, model=model, grad_fn=grad_fn, queries=queries, train=train,
+                n=n, params=feats.params, loss=loss,
+            )  # fmt: skip
             self.self_influence = cached["self_influence"]
             self.hinv_norm = cached["hinv_norm"]
             self.scores = cached.get("scores")
@@ -400,6 +405,57 @@ class InfluenceAnalysis(Callback):
         return labels
 
     # ------------------------------------------------------------------ results
+    def group_influence(
+        self,
+        groups: Any,
+        order: int = 1,
+        renormalize: bool = False,
+        query_curvature: bool = False,
+        allow_overlap: bool = False,
+    ) -> torch.Tensor:
+        """Predicted change of each query's loss when each group of training samples is removed
+        (Basu et al., ICML 2020): ``(n_groups, n_query)``, positive = the group is a proponent.
+
+        Args:
+            groups: list of index lists, or an ``(N,)`` label / metadata column (one group per
+                value). order: 1 (sum of individual influences) or 2 (with the pairwise term;
+                ``method="exact"`` or ``"cg"`` only). See
+                :func:`lightning_memo.influence.group.group_influence` for the other options.
+        """
+        from ..influence.group import group_influence
+
+        if self._ctx is None:
+            raise RuntimeError("Run the analysis first (trainer.fit or run()), with queries=.")
+        c = self._ctx
+        if c["queries"] is None:
+            raise ValueError("group_influence needs queries: pass queries= to InfluenceAnalysis.")
+        tr = c["train"]
+        full = DataLoader(tr.dataset, batch_size=tr.batch_size or 64, collate_fn=tr.collate_fn)
+        n = c["n"]
+        model = c["model"]
+        was_training = model.training
+        model.eval()
+        try:
+            out = group_influence(
+                self.estimator,
+                c["grad_fn"],
+                _OnDevice(c["queries"], c["trainer"].strategy),
+                _OnDevice(full, c["trainer"].strategy),
+                groups,
+                index_fn=lambda b: get_indices(b, self._get_index, n, check_duplicates=False),
+                num_train=n,
+                order=order,
+                model=model,
+                params=c["params"],
+                loss_fn=c["loss"],
+                renormalize=renormalize,
+                query_curvature=query_curvature,
+                allow_overlap=allow_overlap,
+            )
+        finally:
+            model.train(was_training)
+        return out
+
     def top_k_for(self, query_index: int, k: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Proponents and opponents (training indices and scores) of one query."""
         if self.scores is None:

@@ -183,6 +183,29 @@ def test_the_stored_tracin_and_influence_share_one_gradient_path(tmp_path):
     torch.testing.assert_close(ia.self_influence * big, tr.self_influence / lr, rtol=1e-4, atol=0)
 
 
+def test_group_influence_from_the_callback(tmp_path):
+    """Order 1 = (1/N) x the summed scores of each group's members; order 2 (exact Hessian)
+    differs from it by the pairwise term; groups by label column."""
+    ia = InfluenceAnalysis(
+        method="exact", layers=["net.4"], queries=queries(), damping=DAMPING, max_examples=N,
+        progress=False,
+    )  # fmt: skip
+    fit(tmp_path, [ia])
+    groups = [[0, 5, 7], list(range(20, 50))]
+    first = ia.group_influence(groups)
+    want = torch.stack([ia.scores[:, g].double().sum(1) / N for g in groups])
+    assert first.shape == (2, 10)
+    assert_close(first, want, 1e-5)
+    second = ia.group_influence(groups, order=2)
+    assert second.shape == (2, 10) and not torch.allclose(second, first)
+    by_label = ia.group_influence(make_data(N)[1])
+    labels = make_data(N)[1]
+    want = torch.stack([ia.scores[:, labels == c].double().sum(1) / N for c in range(3)])
+    assert_close(by_label, want, 1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        ia.group_influence([[0, N + 3]])
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method='lissa'"):
