@@ -260,3 +260,21 @@ def test_exact_on_too_many_parameters(tmp_path):
         ValueError, match=r"7443 x 7443 Hessian.*more than 5000 parameters.*layers="
     ):
         fit(tmp_path, [ia], epochs=1, model=model)
+
+
+def test_representer_points_from_the_callback(tmp_path):
+    """The decomposition of the refitted last layer reproduces its logits; top-k lists exist."""
+    ia = InfluenceAnalysis(
+        method="representer", queries=queries(), progress=False, method_kwargs={"l2": 1e-2}
+    )
+    model = fit(tmp_path, [ia])
+    est = ia.estimator
+    assert ia.scores.shape == (10, N) and ia.self_influence.shape == (N,)
+    assert torch.isnan(ia.hinv_norm).all()  # no Hessian
+    xq, _ = make_data(10, seed=1)
+    with torch.no_grad():
+        feats = torch.cat([model.net[:4](xq), torch.ones(10, 1)], dim=1).double()
+    logits = feats @ est.weights.double().T
+    pred = logits.argmax(1)
+    # sum over training samples of the query's scores = its predicted-class logit
+    torch.testing.assert_close(ia.scores.double().sum(1), logits[torch.arange(10), pred])
