@@ -107,11 +107,14 @@ class InfluenceAnalysis(Callback):
         self.method_kwargs = dict(method_kwargs or {})
         if max_examples < 1:
             raise ValueError(f"max_examples={max_examples}: use a positive number of samples.")
-        # validates damping, arnoldi_dim / arnoldi_k and fisher now rather than after training
+        # validates damping, arnoldi_dim / arnoldi_k and the methods' options now rather than
+        # after training
         if method == "arnoldi":
             make_method(method, {}, damping, arnoldi_dim, arnoldi_k)
         elif damping is not None:
             make_method("exact", {}, damping)
+        if method not in HESSIAN_METHODS + ("relatif",):
+            make_method(method, {}, seed=seed, **(method_kwargs or {}))
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher={fisher!r}: use 'true' or 'empirical'.")
         self.method, self.layers, self.damping = method, layers, damping
@@ -198,7 +201,7 @@ class InfluenceAnalysis(Callback):
             self.estimator = est
             self._uses_gradients = est.uses_gradients
             q_rows = None
-            if queries is not None:
+            if queries is not None and est.has_scores:
                 self._check_query_labels(queries)
                 q_rows = query_matrix(est, grad_fn, queries, bar("query gradients"))
             cached = self._load_scores(config, q_rows)
@@ -211,7 +214,7 @@ class InfluenceAnalysis(Callback):
                     n,
                     index_fn=lambda b: get_indices(b, self._get_index, n, check_duplicates=False),
                     query_rows=q_rows,
-                    want_norm=True,
+                    want_norm=est.uses_gradients,
                     progress=bar("train gradients"),
                 )
                 cached = self._gather(trainer, out, q_rows is not None)
@@ -344,7 +347,8 @@ class InfluenceAnalysis(Callback):
     def _gather(self, trainer: Trainer, out: Dict[str, torch.Tensor], with_scores: bool) -> dict:
         """Merge every rank's share (rows by sample index) into full (N,) / (n_query, N)."""
         idx = torch.nonzero(out["seen"]).reshape(-1)
-        cols = [out["self_influence"][idx, None], out["hinv_norm"][idx, None]]
+        nan = torch.full((out["seen"].shape[0],), float("nan"), dtype=torch.float64)
+        cols = [out["self_influence"][idx, None], out.get("hinv_norm", nan)[idx, None]]
         if with_scores:
             cols.append(out["scores"][:, idx].T.double())
         vals = torch.cat(cols, dim=1)

@@ -74,7 +74,9 @@ def make_method(
     if method == "boundary":
         from .boundary import BoundaryInfluence
 
-        return BoundaryInfluence(**options)
+        # negative distance: higher = closer to the boundary = more influential, as every
+        # other method's self-influence ranks (Influenciae's sign)
+        return BoundaryInfluence(**{"score": "negative", **options})
     if method == "gex":
         from .gex import GeometricEnsembleInfluence
 

@@ -278,3 +278,27 @@ def test_representer_points_from_the_callback(tmp_path):
     pred = logits.argmax(1)
     # sum over training samples of the query's scores = its predicted-class logit
     torch.testing.assert_close(ia.scores.double().sum(1), logits[torch.arange(10), pred])
+
+
+def test_boundary_and_gex_from_the_callback(tmp_path):
+    """Boundary: self-influence only (= minus the distance to the decision boundary, which
+    moving the input by that distance along the found direction crosses); GEX: scores are the
+    covariance of the ensemble's loss changes, self-influence their mean square."""
+    boundary = InfluenceAnalysis(method="boundary", queries=queries(), progress=False)
+    gex = InfluenceAnalysis(
+        method="gex",
+        queries=queries(),
+        progress=False,
+        method_kwargs={"num_ens": 3, "ft_step": 12, "ft_lr": 0.01},
+        output_dir=str(tmp_path / "gex"),
+    )
+    fit(tmp_path, [boundary, gex])
+    assert boundary.scores is None and (boundary.self_influence < 0).all()
+    assert torch.isnan(boundary.hinv_norm).all()
+    with pytest.raises(ValueError, match="No scores"):
+        boundary.top_k_for(0)
+    assert gex.scores.shape == (10, N) and (gex.self_influence >= 0).all()
+    rows = read_csv(tmp_path / "gex" / "self_influence.csv")
+    np.testing.assert_allclose(rows["self_influence"], gex.self_influence.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="num_ens"):
+        InfluenceAnalysis(method="gex", method_kwargs={"num_ens": 1})
