@@ -1,4 +1,5 @@
-"""The ``lightning-memo`` command: ``lightning-memo demo [memorization|erasure|tracin]``."""
+"""The ``lightning-memo`` command:
+``lightning-memo demo [memorization|erasure|tracin|influence]``."""
 
 from __future__ import annotations
 
@@ -13,13 +14,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a demo on data shipped with scikit-learn")
     demo.add_argument(
-        "which", nargs="?", default="memorization", choices=["memorization", "erasure", "tracin"]
+        "which",
+        nargs="?",
+        default="memorization",
+        choices=["memorization", "erasure", "tracin", "influence"],
     )
     demo.add_argument("--epochs", type=int, default=None, help="default: each demo's own")
     demo.add_argument("--out", default="demo_runs", help="folder of TensorBoard logs and CSVs")
     demo.add_argument("--n-estimators", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--source", choices=["train", "eval"], default="train")
+    demo.add_argument(
+        "--method",
+        choices=["ekfac", "kfac", "arnoldi", "exact", "all"],
+        default="all",
+        help="influence demo: the InfluenceAnalysis method ('all': the four, plus TracIn)",
+    )
     return p
 
 
@@ -44,6 +54,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .demo_tracin import run_tracin_demo
 
         run_tracin_demo(**epochs, out_dir=args.out, seed=args.seed)
+    elif args.command == "demo" and args.which == "influence":
+        from .demo_influence import run_influence_demo
+
+        run_influence_demo(method=args.method, **epochs, out_dir=args.out, seed=args.seed)
     return 0
 
 

@@ -93,12 +93,22 @@ def fit_demo(
 
 
 def _auroc(score: np.ndarray, target: np.ndarray) -> float:
+    """AUROC (torchmetrics) of any real scores; NaN scores are left out.
+
+    ``binary_auroc`` takes float predictions outside [0, 1] for logits and applies a sigmoid,
+    which saturates (to exactly 1.0 above about 17 in float32): large scores such as
+    self-influence would tie and the AUROC would drop. Dense ranks scaled to [0, 1] keep the
+    order and the ties, hence the AUROC, and stay inside [0, 1].
+    """
     from torchmetrics.functional.classification import binary_auroc
 
+    score = np.asarray(score, dtype=np.float64)
     ok = ~np.isnan(score)
     if target[ok].min() == target[ok].max():
         return float("nan")
-    return float(binary_auroc(torch.from_numpy(score[ok]), torch.from_numpy(target[ok]).long()))
+    _, dense = np.unique(score[ok], return_inverse=True)
+    ranked = dense / max(1, int(dense.max(initial=0)))
+    return float(binary_auroc(torch.from_numpy(ranked), torch.from_numpy(target[ok]).long()))
 
 
 def run_memorization_demo(

@@ -156,6 +156,7 @@ class InfluenceAnalysis(Callback):
         """
         if self.out_dir is None:
             self.out_dir = resolve_output_dir(trainer, self.output_dir, "influence")
+        self.reused = {"factors": False, "scores": False}
         train = train if train is not None else self.train
         if train is None:
             train = trainer.train_dataloader

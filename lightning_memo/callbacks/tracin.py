@@ -44,12 +44,12 @@ def module_per_sample_loss(module: Any, batch: Any) -> torch.Tensor:
     fn = getattr(module, "per_sample_loss", None)
     if fn is None:
         raise ValueError(
-            f"{type(module).__name__} has no `per_sample_loss(self, batch)`; TracIn needs one loss "
-            "per sample. Add for example:\n"
+            f"{type(module).__name__} has no `per_sample_loss(self, batch)`; TracIn and "
+            "InfluenceAnalysis need one loss per sample. Add for example:\n"
             "    def per_sample_loss(self, batch):\n"
             "        x, y = batch[0], batch[1]\n"
             "        return F.cross_entropy(self(x), y, reduction='none')\n"
-            "or pass TracIn(loss_fn=lambda module, batch: ...)."
+            "or pass loss_fn=lambda module, batch: ... to the callback."
         )
     return fn(batch)
 

@@ -173,6 +173,7 @@ class ExactInfluence(InfluenceMethod):
         if solver not in ("direct", "cg"):
             raise ValueError(f"solver={solver!r}: use 'direct' or 'cg'.")
         self.curvature, self.solver = curvature, solver
+        self.cacheable = solver == "direct"  # CG keeps a Hessian-vector product, not factors
         self.cg_tol, self.cg_max_iter = cg_tol, cg_max_iter
         self.evals: Optional[torch.Tensor] = None
         self.evecs: Optional[torch.Tensor] = None

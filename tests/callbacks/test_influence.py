@@ -142,6 +142,17 @@ def test_ekfac_matches_kfac_module_and_is_cached(tmp_path):
     assert fresh.reused == {"factors": True, "scores": False}
 
 
+def test_cg_reruns_in_the_same_folder(tmp_path):
+    """CG keeps a Hessian-vector product, not factors: nothing to reuse, but a rerun works."""
+    kw = dict(method="cg", layers=["net.4"], damping=5.0, queries=queries(), progress=False)
+    first = InfluenceAnalysis(output_dir=str(tmp_path / "o"), **kw)
+    model = fit(tmp_path, [first], epochs=1)
+    second = InfluenceAnalysis(output_dir=str(tmp_path / "o"), **kw)
+    second.run(trainer(tmp_path, []), model, train=make_loader())
+    assert second.reused["factors"] is False
+    torch.testing.assert_close(second.scores, first.scores)
+
+
 def test_run_on_demand_equals_on_fit_end(tmp_path):
     auto = InfluenceAnalysis(method="kfac", queries=queries(), progress=False, cache=False)
     model = fit(tmp_path / "a", [auto])
