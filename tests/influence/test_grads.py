@@ -300,9 +300,7 @@ def test_featurizer_projection_not_smaller_than_gradient_warns_and_is_exact():
     model = mlp()
     batch = mlp_batch()
     with pytest.warns(UserWarning, match="not smaller than the gradient size 66"):
-        feat = GradientFeaturizer(
-            {"0": model[0], "2": model[2]}, projection_dim=66, factored=False
-        )
+        feat = GradientFeaturizer({"0": model[0], "2": model[2]}, projection_dim=66, factored=False)
     assert feat.projection_dim is None and feat.dim == 66 and not feat.projectors
     exact = GradientFeaturizer({"0": model[0], "2": model[2]}, projection_dim=None, factored=False)
     torch.testing.assert_close(feat(model, batch, ce_loss), exact(model, batch, ce_loss))

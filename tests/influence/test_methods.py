@@ -184,9 +184,7 @@ def test_randproj_is_an_unbiased_gradient_dot_product():
         out = run(method, model, feats, batches, queries)
         mean += out["scores"].double() / seeds
         if s == 0:
-            torch.testing.assert_close(
-                out["self_influence"], torch.diag(run_rows(method, batches))
-            )
+            torch.testing.assert_close(out["self_influence"], torch.diag(run_rows(method, batches)))
             assert torch.isnan(out["hinv_norm"]).all()  # no Hessian
     rel = (mean - want).abs().max() / want.abs().max()
     assert rel < 0.15, float(rel)
