@@ -1,18 +1,24 @@
-"""Demo: end-of-training influence functions on scikit-learn's digits with 10 % flipped labels.
+"""Demo: influence functions at the end of training, on data with 10 % flipped labels.
 
-The data and the model are those of the TracIn demo: the digits are split into a training set
-(80 %, noisy labels: 10 % of all labels are flipped to another class) and a validation set (20 %,
-true labels) that serves as the ``queries``. The digits MLP is trained with the Trainer; when the
-fit ends, one :class:`~lightning_memo.InfluenceAnalysis` callback per method (EK-FAC, K-FAC,
-Arnoldi, and the exact damped Hessian of the last layer) computes self-influence and the
-query x train scores (``method="all"`` also records TracIn in the same fit).
+Two shipped datasets (scikit-learn): ``"digits"`` (8x8 images, 10 classes; the TracIn demo's data
+and MLP) and ``"breast_cancer"`` (30 standardised features, 2 classes, a small MLP). Each is split
+into a training set (80 %, noisy labels: 10 % of all labels are flipped to another class) and a
+validation set (20 %, true labels) that serves as the ``queries``. The MLP is trained with the
+Trainer; when the fit ends, one :class:`~lightning_memo.InfluenceAnalysis` callback per method
+computes self-influence (and the query x train scores where the method has them).
+``method="all"`` runs every method of the package: EK-FAC, K-FAC, Arnoldi, the exact damped
+Hessian of the last layer, RelatIF (on EK-FAC), random projection, representer points (L2 refit
+and local Jacobian expansion), boundary influence (minus the DeepFool distance to the decision
+boundary) and geometric-ensemble influence (GEX), and records TracIn in the same fit.
 
 The demo prints how well each method's self-influence finds the flipped training samples (AUROC
-with torchmetrics, recall in the top 10 %, the same for self-influence divided by the RelatIF norm
-``||(H + damping I)^{-1} g||``, seconds taken), next to the loss and margin baselines of the final
-model. It writes ``<out_dir>/influence_proponents.png``: one row per validation image, the query
-followed by its top-5 proponents and top-5 opponents under the first method run (EK-FAC for
-``"all"``), each captioned with its label; flipped training samples carry a red frame.
+from ranks, recall in the top 10 %, seconds taken; for the four Hessian methods also
+self-influence divided by the RelatIF norm ``||(H + damping I)^{-1} g||``), next to the loss and
+margin baselines of the final model. It writes ``<out_dir>/influence_methods.png`` (a bar chart
+of AUROC and recall per method, the baselines as lines) and, for digits,
+``<out_dir>/influence_proponents.png``: one row per validation image, the query followed by its
+top-5 proponents and top-5 opponents under the first method run (EK-FAC for ``"all"``), each
+captioned with its label; flipped training samples carry a red frame.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import lightning as L
 import numpy as np
@@ -33,18 +39,59 @@ from .demo import DigitsMLP, _auroc, fit_demo
 from .demo_erasure import _quiet_single_thread
 from .demo_tracin import _per_sample_loss, _save_png, _TimedTracIn, proponents_figure
 
-__all__ = ["run_influence_demo", "DEMO_METHODS"]
+__all__ = [
+    "run_influence_demo",
+    "methods_chart",
+    "load_breast_cancer_flipped",
+    "DEMO_METHODS",
+    "DATASETS",
+]
 
 PNG_NAME = "influence_proponents.png"
-DEMO_METHODS = ("ekfac", "kfac", "arnoldi", "exact")
+CHART_NAME = "influence_methods.png"
+DATASETS = ("digits", "breast_cancer")
+#: the methods with a Hessian (their self-influence / hinv_norm ratio is printed too)
+HESSIAN_DEMO = ("ekfac", "kfac", "arnoldi", "exact")
+#: every method ``method="all"`` runs, in this order (TracIn is recorded in the same fit)
+DEMO_METHODS = (
+    *HESSIAN_DEMO,
+    "relatif",
+    "randproj",
+    "representer",
+    "representer_lje",
+    "boundary",
+    "gex",
+)
 CHOICES = (*DEMO_METHODS, "all")
-EXACT_LAYER = "net.4"  # the exact Hessian is built for the last Linear layer only (2,570 params)
+EXACT_LAYER = "net.4"  # the exact Hessian is built for the last Linear layer only
+#: GEX settings of the demo. GEX's own defaults (ft_lr 0.05, 800 steps per member) are for deep
+#: CIFAR networks; on these MLPs 8 members of 50 cosine-scheduled SGD steps (about 2 epochs of
+#: digits each) take under a second. ft_lr 0.2 is the largest of 0.05 / 0.1 / 0.2 / 0.3 at which
+#: the members do not diverge on digits (at 0.3 they fall to chance accuracy); at 0.2 they stop
+#: fitting the flipped labels (training accuracy about 0.9), which is what makes those stand out.
+#: docs/benchmarks_flipped.md gives the AUROC at each ft_lr.
+GEX_DEMO: Dict[str, Any] = {"num_ens": 8, "ft_step": 50, "ft_lr": 0.2}
+DATASET_DEFAULTS: Dict[str, Dict[str, int]] = {
+    # digits: 40 epochs of Adam lr 3e-3 fit about 3/4 of the flipped labels (the TracIn demo's)
+    "digits": {"epochs": 40, "hidden": 256},
+    # breast cancer: 569 samples; a 30-64-64-2 MLP fits about 2/3 of the flips in 40 epochs
+    # (the 256-wide one fits 93 % and its loss no longer finds them)
+    "breast_cancer": {"epochs": 40, "hidden": 64},
+}
 LABELS = {
     "ekfac": "EK-FAC",
     "kfac": "K-FAC",
     "arnoldi": "Arnoldi",
     "exact": f"exact Hessian ({EXACT_LAYER})",
+    "relatif": "RelatIF (EK-FAC)",
+    "randproj": "random projection",
+    "representer": "representer points",
+    "representer_lje": "representer points (LJE)",
+    "boundary": "boundary (-distance)",
+    "gex": "GEX (geometric ensemble)",
     "tracin": "TracIn (checkpoints)",
+    "loss": "loss (final model)",
+    "margin": "-margin (final model)",
 }
 K_SHOW = 5  # proponents / opponents per query in the picture
 
@@ -63,7 +110,9 @@ class _TimedInfluence(InfluenceAnalysis):
 
 
 def _recall_top(score: np.ndarray, target: np.ndarray, share: float = 0.1) -> float:
-    """Share of the positives found among the ``ceil(share * N)`` highest scores."""
+    """Share of the positives found among the ``ceil(share * N)`` highest scores (NaN last;
+    ``inf`` / ``-inf`` rank first / last)."""
+    score = np.where(np.isnan(score), -np.inf, score)
     n_top = max(1, math.ceil(share * len(score)))
     top = np.argsort(-score, kind="stable")[:n_top]
     return float(target[top].sum() / max(1, target.sum()))
@@ -89,14 +138,65 @@ def _methods(method: str) -> List[str]:
     return list(DEMO_METHODS) if method == "all" else [method]
 
 
+# --------------------------------------------------------------------------- data
+def load_breast_cancer_flipped(
+    flip_fraction: float = 0.1, seed: int = 0
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's breast cancer data (569 samples, 30 features, 2 classes), each feature
+    standardised over all samples (the labels play no part), with a seeded share of the labels
+    flipped to the other class.
+
+    Returns:
+        x: (n, 30) float32; y_noisy: (n,) int64 training labels; y_true: (n,) int64;
+        flipped: (n,) bool.
+    """
+    try:
+        from sklearn.datasets import load_breast_cancer
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "The demo data needs scikit-learn: pip install scikit-learn (or `make demo`)."
+        ) from err
+    data = load_breast_cancer()
+    x = data.data.astype(np.float64)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    y_true = data.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    flipped = np.zeros(n, dtype=bool)
+    flipped[rng.choice(n, int(round(flip_fraction * n)), replace=False)] = True
+    y_noisy = y_true.copy()
+    y_noisy[flipped] = 1 - y_true[flipped]
+    return x, y_noisy, y_true, flipped
+
+
+def _load(dataset: str, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    if dataset == "digits":
+        return (*load_digits_flipped(0.1, seed), 10)
+    return (*load_breast_cancer_flipped(0.1, seed), 2)
+
+
+def _analysis_options(m: str, projection_dim: int, gex_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """The per-method arguments of InfluenceAnalysis in the demo."""
+    if m == "exact":
+        return {"layers": [EXACT_LAYER]}
+    if m == "relatif":
+        return {"relatif_base": "ekfac"}
+    if m == "randproj":
+        return {"method_kwargs": {"projection_dim": projection_dim}}
+    if m == "gex":
+        return {"method_kwargs": dict(gex_kwargs)}
+    return {}
+
+
+# --------------------------------------------------------------------------- the demo
 def run_influence_demo(
     method: str = "all",
-    epochs: int = 40,
+    epochs: Optional[int] = None,
     out_dir: str = "demo_runs",
     seed: int = 0,
     verbose: bool = True,
     lr: float = 3e-3,
-    hidden: int = 256,
+    hidden: Optional[int] = None,
     damping: Optional[float] = None,
     arnoldi_dim: int = 100,
     arnoldi_k: int = 50,
@@ -105,54 +205,76 @@ def run_influence_demo(
     val_fraction: float = 0.2,
     n_show: int = 4,
     batch_size: int = 64,
+    dataset: str = "digits",
+    gex_kwargs: Optional[Mapping[str, Any]] = None,
+    projection_dim: int = 1024,
+    chart: bool = True,
 ) -> Dict[str, Any]:
-    """Train the digits MLP with :class:`~lightning_memo.InfluenceAnalysis`; print and return the
+    """Train the demo MLP with :class:`~lightning_memo.InfluenceAnalysis`; print and return the
     results.
 
     Args:
-        method: ``"ekfac"``, ``"kfac"``, ``"arnoldi"``, ``"exact"`` (damped Hessian of the last
-            layer, ``net.4``) or ``"all"`` (the four, plus TracIn).
-        epochs: training epochs (Adam, ``lr``). With lr 3e-3 the MLP fits most flipped labels
-            within 40 epochs, as in the TracIn demo.
-        out_dir: folder of the TensorBoard logs, the influence files and the PNG.
+        method: one of :data:`DEMO_METHODS` (``"exact"``: damped Hessian of the last layer,
+            ``net.4``; ``"relatif"``: on EK-FAC) or ``"all"`` (every one, plus TracIn).
+        epochs: training epochs (Adam, ``lr``); ``None``: 40 for both datasets. With lr 3e-3 the
+            MLP fits most flipped labels within 40 epochs, as in the TracIn demo.
+        out_dir: folder of the TensorBoard logs, the influence files and the PNGs.
         seed: seed of the label flips, the split, the model initialisation, the shuffling, the
-            Arnoldi start vector, the Fisher label sampling and the TracIn projection.
+            Arnoldi start vector, the Fisher label sampling, the projections and GEX's data order.
         verbose: print the report.
         lr: Adam learning rate.
-        hidden: width of the MLP's two hidden layers (256: 85,002 parameters).
-        damping: ``InfluenceAnalysis(damping=...)`` for every method; ``None``: the callback's
-            default, 0.1 x the mean eigenvalue (per layer for K-FAC / EK-FAC).
+        hidden: width of the MLP's two hidden layers; ``None``: 256 for digits (85,002
+            parameters), 64 for breast_cancer (6,274 parameters).
+        damping: ``InfluenceAnalysis(damping=...)`` for every Hessian method; ``None``: the
+            callback's default, 0.1 x the mean eigenvalue (per layer for K-FAC / EK-FAC).
         arnoldi_dim, arnoldi_k: Krylov iterations and eigenpairs kept (``"arnoldi"``); 100 and 50
             here (the callback's defaults are 200 and 50) to keep the demo short.
         max_examples: training samples used to fit the curvature (the first ones).
         tracin: also record TracIn self-influence in the same fit (projected to 1024, a checkpoint
             every ``max(1, epochs // 10)`` epochs); ``None``: only with ``method="all"``.
-        val_fraction: share of the digits held out as the (clean) validation / query set.
-        n_show: validation images drawn in the PNG (the first ones of the validation split).
+        val_fraction: share of the data held out as the (clean) validation / query set.
+        n_show: validation samples shown (drawn in the PNG for digits).
         batch_size: training batch size (also the batch size of the influence passes).
+        dataset: ``"digits"`` or ``"breast_cancer"``.
+        gex_kwargs: GEX's ``method_kwargs``; ``None``: :data:`GEX_DEMO` (8 members of 50 steps,
+            ft_lr 0.2).
+        projection_dim: randproj's projection size.
+        chart: write the bar chart ``<out_dir>/influence_methods.png`` (needs matplotlib; without
+            it the chart is skipped with a note).
 
     Returns:
-        ``rows`` (one per score: ``score`` name, ``key`` (method or ``"loss"`` / ``"margin"``),
-        ``auroc``, ``recall`` (share of the flipped samples among the top 10 % scores),
-        ``auroc_relatif`` / ``recall_relatif`` (self-influence / hinv_norm; NaN for baselines
-        and TracIn), ``seconds`` (NaN for baselines)), ``methods``, ``self_influence`` and
-        ``hinv_norm`` (``{method: (N,)}``), ``damping_used``, ``reused``, ``out_dirs``
-        (``{method: folder}``), ``flipped`` (N,) bool, ``final_loss``, ``margin`` (N,),
-        ``top5`` (``{method: {proponent_label_share, proponent_flipped_share,
-        opponent_flipped_share}}`` over all queries' top-5 lists), ``examples`` (per shown
-        query: proponents / opponents with training indices, labels, flipped flags and scores,
-        under ``png_method``), ``png``, ``pngs`` (``{method: path}``),
-        ``fit_seconds`` (the whole ``trainer.fit``, influence included), ``train_seconds``
-        (without the influence runs), ``tracin_seconds``, ``log_dir``, sizes and settings.
+        ``rows`` (one per score: ``score`` name, ``key`` (method, ``"tracin"``, ``"loss"`` or
+        ``"margin"``), ``auroc``, ``recall`` (share of the flipped samples among the top 10 %
+        scores), ``auroc_relatif`` / ``recall_relatif`` (self-influence / hinv_norm for the four
+        Hessian methods; NaN otherwise), ``seconds`` (NaN for baselines), ``n_inf`` (infinite
+        scores, ranked first / last)), ``methods``, ``dataset``, ``self_influence`` and
+        ``hinv_norm`` (``{method: (N,)}``; hinv_norm NaN for methods without a Hessian),
+        ``damping_used``, ``reused``, ``out_dirs`` (``{method: folder}``), ``flipped`` (N,)
+        bool, ``final_loss``, ``margin`` (N,), ``top5`` (``{method: {proponent_label_share,
+        proponent_flipped_share, opponent_flipped_share}}`` over all queries' top-5 lists, for
+        the methods with query scores), ``examples`` (per shown query: proponents / opponents
+        with training indices, labels, flipped flags and scores, under ``png_method``), ``png``
+        / ``pngs`` (``{method: path}``; digits only, else ``None`` / ``{}``), ``chart`` (path or
+        ``None``), ``fit_seconds`` (the whole ``trainer.fit``, influence included),
+        ``train_seconds`` (without the influence runs), ``tracin_seconds``, ``model`` (the
+        trained module), ``data`` (``x_train``, ``y_train``, ``x_val``, ``y_val`` tensors),
+        ``log_dir``, sizes and settings.
     """
     methods = _methods(method)
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset={dataset!r}: use one of {list(DATASETS)}.")
+    defaults = DATASET_DEFAULTS[dataset]
+    epochs = defaults["epochs"] if epochs is None else epochs
+    hidden = defaults["hidden"] if hidden is None else hidden
     if epochs < 1:
         raise ValueError(f"epochs={epochs!r} must be >= 1.")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r} must lie in (0, 1).")
+    gex_kwargs = dict(GEX_DEMO if gex_kwargs is None else gex_kwargs)
     with_tracin = method == "all" if tracin is None else bool(tracin)
     every = max(1, epochs // 10)
-    x, y_noisy, y_true, flipped_all = load_digits_flipped(0.1, seed)
+    x, y_noisy, y_true, flipped_all, n_classes = _load(dataset, seed)
+    image_shape = (8, 8) if dataset == "digits" else None
     perm = np.random.default_rng(seed).permutation(len(y_true))
     n_val = int(round(val_fraction * len(y_true)))
     val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
@@ -170,24 +292,25 @@ def run_influence_demo(
             generator=gen,
         )
         queries = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
-        logger = L.pytorch.loggers.TensorBoardLogger(out_dir, name="influence_demo")
+        run_name = "influence_demo" if dataset == "digits" else f"influence_demo_{dataset}"
+        logger = L.pytorch.loggers.TensorBoardLogger(out_dir, name=run_name)
         base = os.path.join(logger.log_dir, "lightning_memo", "influence")
         analyses: Dict[str, _TimedInfluence] = {}
         for m in methods:
             analyses[m] = _TimedInfluence(
                 method=m,
-                layers=[EXACT_LAYER] if m == "exact" else None,
                 queries=queries,
-                damping=damping,
+                damping=damping if m in (*HESSIAN_DEMO, "relatif") else None,
                 arnoldi_dim=arnoldi_dim,
                 arnoldi_k=arnoldi_k,
                 max_examples=max_examples,
                 top_k=K_SHOW,
-                image_shape=(8, 8),
+                image_shape=image_shape,
                 n_show=n_show,
                 output_dir=os.path.join(base, m),
                 progress=False,
                 seed=seed,
+                **_analysis_options(m, projection_dim, gex_kwargs),
             )
         callbacks: List[Any] = []
         tr_cb = None
@@ -198,12 +321,12 @@ def run_influence_demo(
                 top_k=K_SHOW,
                 seed=seed,
                 store_dtype=torch.float16,
-                image_shape=(8, 8),
+                image_shape=image_shape,
                 progress=False,
             )
             callbacks.append(tr_cb)
         callbacks += list(analyses.values())
-        model = DigitsMLP(hidden=hidden, lr=lr)
+        model = DigitsMLP(hidden=hidden, lr=lr, in_dim=x.shape[1], n_classes=n_classes)
         fit_s = fit_demo(model, loader, callbacks, logger, epochs)
         final_loss = _per_sample_loss(model, x_tr, y_tr)
         margin = _margin(model, x_tr, y_tr)
@@ -223,6 +346,7 @@ def run_influence_demo(
                 "auroc_relatif": float("nan") if rel is None else _auroc(rel, flipped),
                 "recall_relatif": float("nan") if rel is None else _recall_top(rel, flipped),
                 "seconds": seconds,
+                "n_inf": int(np.isinf(score).sum()),
             }
         )
 
@@ -230,9 +354,12 @@ def run_influence_demo(
     for m, a in analyses.items():
         self_inf[m] = a.self_influence.numpy()
         norms[m] = a.hinv_norm.numpy()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(norms[m] > 0, self_inf[m] / norms[m], 0.0)
-        add(f"{LABELS[m]} self-influence", m, self_inf[m], a.seconds, rel)
+        rel = None
+        if m in HESSIAN_DEMO:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(norms[m] > 0, self_inf[m] / norms[m], 0.0)
+        name = LABELS[m] + (" self-influence" if m != "boundary" else "")
+        add(name, m, self_inf[m], a.seconds, rel)
     tracin_s = float("nan")
     if tr_cb is not None:
         tracin_s = tr_cb.seconds
@@ -242,45 +369,55 @@ def run_influence_demo(
     add(f"-margin, final model (epoch {epochs})", "margin", -margin, float("nan"))
 
     # proponents / opponents of every query: label agreement, flipped samples
-    y_val_np = y_val.numpy()
+    scored = {m: a for m, a in analyses.items() if a.scores is not None}
+    y_val_np, y_tr_np = y_val.numpy(), y_tr.numpy()
     lists: Dict[str, Dict[str, float]] = {}
-    for m, a in analyses.items():
+    for m, a in scored.items():
         pro = torch.topk(a.scores, K_SHOW, dim=1).indices.numpy()
         opp = torch.topk(-a.scores, K_SHOW, dim=1).indices.numpy()
         lists[m] = {
-            "proponent_label_share": float((y_tr.numpy()[pro] == y_val_np[:, None]).mean()),
+            "proponent_label_share": float((y_tr_np[pro] == y_val_np[:, None]).mean()),
             "proponent_flipped_share": float(flipped[pro].mean()),
             "opponent_flipped_share": float(flipped[opp].mean()),
         }
 
-    # the pictures: proponents / opponents of the first n_show queries
+    # the pictures: proponents / opponents of the first n_show queries (digits only)
     os.makedirs(out_dir, exist_ok=True)
-    y_tr_np = y_tr.numpy()
     pngs: Dict[str, str] = {}
     examples: List[Dict[str, Any]] = []
-    img = None
-    for i, (m, a) in enumerate(analyses.items()):
+    img, backend = None, None
+    png_method = next(iter(scored), None)
+    for i, (m, a) in enumerate(scored.items()):
         exs = _examples(a, val, y_true, y_tr_np, flipped, n_show)
+        if i == 0:
+            examples = exs
+        if image_shape is None:
+            continue
         im = proponents_figure(x_val.numpy(), x_tr.numpy(), exs)
         name = PNG_NAME if i == 0 else PNG_NAME.replace(".png", f"_{m}.png")
         path = os.path.join(out_dir, name)
         backend = _save_png(im, path)
         pngs[m] = os.path.abspath(path)
         if i == 0:
-            examples, img = exs, im
-    assert img is not None
+            img = im
 
     result = {
         "rows": rows,
         "methods": methods,
+        "dataset": dataset,
         "epochs": epochs,
         "lr": lr,
         "hidden": hidden,
+        "n_features": int(x.shape[1]),
+        "n_classes": n_classes,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "damping": damping,
         "arnoldi_dim": arnoldi_dim,
         "arnoldi_k": arnoldi_k,
         "max_examples": max_examples,
+        "gex_kwargs": gex_kwargs,
+        "projection_dim": projection_dim,
+        "seed": seed,
         "n_train": len(tr),
         "n_val": len(val),
         "n_flipped": n_flip,
@@ -295,28 +432,42 @@ def run_influence_demo(
         "margin": margin,
         "flipped": flipped,
         "examples": examples,
-        "png_method": methods[0],
-        "png": pngs[methods[0]],
+        "png_method": png_method,
+        "png": pngs.get(png_method) if png_method is not None else None,
         "pngs": pngs,
-        "png_shape": tuple(img.shape),
+        "png_shape": tuple(img.shape) if img is not None else None,
         "png_backend": backend,
+        "chart": None,
         "fit_seconds": fit_s,
         "train_seconds": fit_s - sum(a.seconds for a in analyses.values()),
         "tracin_seconds": tracin_s,
         "tracin_every_n_epochs": every if tr_cb is not None else None,
+        "model": model,
+        "data": {"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val},
         "log_dir": logger.log_dir,
     }
+    if chart:
+        path = os.path.join(out_dir, CHART_NAME)
+        title = (
+            f"{dataset}: finding the {n_flip} flipped labels among {len(tr)} training samples "
+            f"(seed {seed})"
+        )
+        if methods_chart({dataset: rows}, path, title) is not None:
+            result["chart"] = os.path.abspath(path)
     if verbose:
         _print_report(result)
     return result
 
 
 def _damping_used(a: InfluenceAnalysis) -> Any:
-    """The damping a method used: a float, or ``{layer: float}`` for K-FAC / EK-FAC."""
-    est = a.estimator
+    """The damping a Hessian method used: a float, or ``{layer: float}`` for K-FAC / EK-FAC
+    (RelatIF: its base's); ``None`` for the methods without a Hessian."""
+    est = getattr(a.estimator, "base", a.estimator)
     kfac = getattr(est, "kfac", None)
     if kfac is not None:
         return {n: kfac.layer_damping(n) for n in kfac.dims}
+    if a.method not in (*HESSIAN_DEMO, "relatif"):
+        return None
     return getattr(est, "damping", None)
 
 
@@ -347,17 +498,110 @@ def _examples(
     return out
 
 
+# --------------------------------------------------------------------------- the chart
+def _short(key: str) -> str:
+    return {
+        "exact": "exact (last layer)",
+        "relatif": "RelatIF",
+        "randproj": "randproj",
+        "representer": "representer",
+        "representer_lje": "representer LJE",
+        "boundary": "boundary",
+        "gex": "GEX",
+        "tracin": "TracIn",
+    }.get(key, LABELS.get(key, key))
+
+
+def methods_chart(
+    results: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str,
+    title: str = "",
+) -> Optional[str]:
+    """Bar chart of the AUROC (top panel) and the top-10 % recall (bottom panel) per method, one
+    bar per dataset (``results``: ``{dataset: rows}`` as in ``run_influence_demo``'s ``rows``),
+    the ``"loss"`` / ``"margin"`` rows as dashed / dotted lines in the dataset's colour. Rows with
+    ``auroc_std`` / ``recall_std`` get error bars (mean +- std over seeds).
+
+    Returns the path, or ``None`` (with a printed note) when matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no bar chart (pip install matplotlib).")
+        return None
+    names = list(results)
+    keys: List[str] = []
+    for rows in results.values():
+        for r in rows:
+            if r["key"] not in ("loss", "margin") and r["key"] not in keys:
+                keys.append(r["key"])
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    width = 0.8 / max(1, len(names))
+    fig = Figure(figsize=(max(7.0, 0.75 * len(keys) + 2.5), 7.0), dpi=100)
+    axes = fig.subplots(2, 1, sharex=True)
+    xs = np.arange(len(keys))
+    for ax, metric, label in ((axes[0], "auroc", "AUROC"), (axes[1], "recall", "recall@10%")):
+        low = 1.0
+        for j, name in enumerate(names):
+            by_key = {r["key"]: r for r in results[name]}
+            vals = np.array([by_key[k][metric] if k in by_key else np.nan for k in keys], float)
+            err = [by_key[k].get(f"{metric}_std", np.nan) if k in by_key else np.nan for k in keys]
+            err_arr = np.array(err, float)
+            colour = colours[j % len(colours)]
+            ax.bar(
+                xs - 0.4 + width * (j + 0.5),
+                vals,
+                width,
+                yerr=None if np.all(np.isnan(err_arr)) else np.nan_to_num(err_arr),
+                capsize=2,
+                color=colour,
+                label=name,
+            )
+            for base, style in (("loss", "--"), ("margin", ":")):
+                if base in by_key:
+                    v = by_key[base][metric]
+                    ax.axhline(v, color=colour, ls=style, lw=1.2, label=f"{name}: {base} {v:.2f}")
+                    low = min(low, v)
+            low = min(low, np.nanmin(vals) if np.any(~np.isnan(vals)) else low)
+        if metric == "auroc":
+            ax.set_ylim(max(0.0, min(0.5, low - 0.05)), 1.0)
+        else:
+            ax.set_ylim(0.0, 1.0)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left", ncol=max(1, len(names)))
+    axes[1].set_xticks(xs)
+    axes[1].set_xticklabels([_short(k) for k in keys], rotation=35, ha="right", fontsize=8)
+    if title:
+        axes[0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 # --------------------------------------------------------------------------- report
 def _fmt(v: float, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def _print_report(r: Dict[str, Any]) -> None:
+    h = r["hidden"]
+    arch = f"MLP {r['n_features']}-{h}-{h}-{r['n_classes']} ({r['n_parameters']} parameters)"
+    if r["dataset"] == "digits":
+        data = (
+            f"digits: {r['n_train']} training images, {r['n_flipped']} of them with a flipped "
+            f"label; {r['n_val']} validation images (true labels) as queries."
+        )
+    else:
+        data = (
+            f"breast_cancer: {r['n_train']} training samples ({r['n_features']} standardised "
+            f"features), {r['n_flipped']} of them with a flipped label; {r['n_val']} validation "
+            "samples (true labels) as queries."
+        )
     print(
-        f"\ndigits: {r['n_train']} training images, {r['n_flipped']} of them with a flipped label; "
-        f"{r['n_val']} validation images (true labels) as queries. MLP 64-{r['hidden']}-"
-        f"{r['hidden']}-10 ({r['n_parameters']} parameters), Adam lr {r['lr']:g}, {r['epochs']} "
-        f"epochs: at the end it fits {r['fitted_flipped']:.0%} of the flipped labels."
+        f"\n{data} {arch}, Adam lr {r['lr']:g}, {r['epochs']} epochs: at the end it fits "
+        f"{r['fitted_flipped']:.0%} of the flipped labels."
     )
     tr = (
         f" (TracIn's hooks: {r['tracin_seconds']:.1f} s)"
@@ -365,14 +609,19 @@ def _print_report(r: Dict[str, Any]) -> None:
         else ""
     )
     damp = "0.1 x mean eigenvalue" if r["damping"] is None else f"{r['damping']:g}"
+    ms = r["methods"]
+    extra = []
+    if "arnoldi" in ms:
+        extra.append(f"Arnoldi {r['arnoldi_dim']} iterations / top {r['arnoldi_k']} eigenpairs")
+    if "randproj" in ms:
+        extra.append(f"randproj k={r['projection_dim']}")
+    if "gex" in ms:
+        g = r["gex_kwargs"]
+        extra.append("GEX " + ", ".join(f"{k}={v}" for k, v in g.items()))
     print(
         f"Training: {r['train_seconds']:.1f} s{tr}. Influence at the end of the fit, curvature "
         f"from the first {r['max_examples']} training samples, damping {damp}"
-        + (
-            f", Arnoldi {r['arnoldi_dim']} iterations / top {r['arnoldi_k']} eigenpairs"
-            if "arnoldi" in r["methods"]
-            else ""
-        )
+        + "".join(f", {e}" for e in extra)
         + "."
     )
     print(
@@ -391,22 +640,28 @@ def _print_report(r: Dict[str, Any]) -> None:
             f"{_fmt(row['seconds'], '8.1f'):>8}   {_fmt(row['auroc_relatif'], '.3f'):>13} "
             f"{_fmt(row['recall_relatif'], '.2f'):>10}"
         )
+    infs = [f"{row['score']}: {row['n_inf']}" for row in r["rows"] if row["n_inf"]]
+    if infs:
+        print("  infinite scores (ranked first / last): " + "; ".join(infs))
     for m, d in r["damping_used"].items():
         if isinstance(d, dict):
             d = ", ".join(f"{n} {v:.2e}" for n, v in d.items())
         elif d is not None:
             d = f"{d:.2e}"
+        else:
+            continue
         print(f"  damping used by {LABELS[m]}: {d}")
-    print(
-        f"\nTop-{K_SHOW} proponents / opponents of all {r['n_val']} queries: share of the "
-        "proponents\nwith the query's label, share of flipped samples in each list:"
-    )
-    print(f"  {'method':<28} {'pro. same label':>15} {'pro. flipped':>12} {'opp. flipped':>12}")
-    for m, t in r["top5"].items():
+    if r["top5"]:
         print(
-            f"  {LABELS[m]:<28} {t['proponent_label_share']:>15.0%} "
-            f"{t['proponent_flipped_share']:>12.0%} {t['opponent_flipped_share']:>12.0%}"
+            f"\nTop-{K_SHOW} proponents / opponents of all {r['n_val']} queries: share of the "
+            "proponents\nwith the query's label, share of flipped samples in each list:"
         )
+        print(f"  {'method':<28} {'pro. same label':>15} {'pro. flipped':>12} {'opp. flipped':>12}")
+        for m, t in r["top5"].items():
+            print(
+                f"  {LABELS[m]:<28} {t['proponent_label_share']:>15.0%} "
+                f"{t['proponent_flipped_share']:>12.0%} {t['opponent_flipped_share']:>12.0%}"
+            )
     for ex in r["examples"]:
         pro = " ".join(
             f"{lab}{'*' if f else ''}"
@@ -422,15 +677,19 @@ def _print_report(r: Dict[str, Any]) -> None:
         )
     if r["examples"]:
         print("  (* = flipped label)")
-    print(
-        f"\nPicture ({r['png_shape'][1]}x{r['png_shape'][0]} px, {LABELS[r['png_method']]}): "
-        f"{r['png']}\n  each row: the query, its {K_SHOW} proponents, its {K_SHOW} opponents; "
-        "caption = label (training label for\n  training samples); red frame = flipped training "
-        "label."
-    )
-    others = [p for m, p in r["pngs"].items() if m != r["png_method"]]
-    if others:
-        print("  The same for the other methods: " + ", ".join(os.path.basename(p) for p in others))
+    if r["png"] is not None:
+        print(
+            f"\nPicture ({r['png_shape'][1]}x{r['png_shape'][0]} px, {LABELS[r['png_method']]}): "
+            f"{r['png']}\n  each row: the query, its {K_SHOW} proponents, its {K_SHOW} opponents; "
+            "caption = label (training label for\n  training samples); red frame = flipped "
+            "training label."
+        )
+        others = [p for m, p in r["pngs"].items() if m != r["png_method"]]
+        if others:
+            names = ", ".join(os.path.basename(p) for p in others)
+            print(f"  The same for the other methods: {names}")
+    if r["chart"] is not None:
+        print(f"Bar chart (AUROC and recall@10% per method, baselines as lines): {r['chart']}")
     _print_dirs(r["out_dirs"])
     print(f"Open the pictures: tensorboard --logdir {os.path.dirname(r['log_dir'])}")
 

@@ -47,6 +47,7 @@ class GradientFeaturizer:
             factors ``[a | g]`` per layer (``d_in + 1 + d_out`` numbers instead of
             ``(d_in + 1) * d_out``; inner products via :func:`~lightning_memo.influence.row_dot`).
             Needs inputs without a sequence dimension; ``False`` flattens ``g a^T`` instead.
+        hooks: ``False`` forces the ``torch.func`` path even for Linear / Conv2d layers.
     """
 
     def __init__(
@@ -57,9 +58,10 @@ class GradientFeaturizer:
         kind: Optional[str] = None,
         params: Optional[Dict[str, nn.Parameter]] = None,
         factored: bool = True,
+        hooks: bool = True,
     ) -> None:
         self.modules = modules
-        self.linear = all(_hook_layer(m) for m in modules.values())
+        self.linear = hooks and all(_hook_layer(m) for m in modules.values())
         if params is not None:  # a subset of the layers' parameters: torch.func path
             mine = [p for m in modules.values() for p in m.parameters(recurse=False)]
             full = {id(p) for p in mine if p.requires_grad}
@@ -115,6 +117,7 @@ class GradientFeaturizer:
         if (
             factored
             and projection_dim is None
+            and self.linear
             and all(isinstance(m, nn.Linear) for m in modules.values())
         ):  # rank-one per-sample gradients (conv gradients sum over positions: not rank one)
             self.layout = [

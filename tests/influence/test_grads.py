@@ -260,8 +260,10 @@ def test_featurizer_generic_path_non_linear_layer_equals_loop():
     model = ConvNet().to(DT)
     g = torch.Generator().manual_seed(3)
     batch = (torch.randn(5, 2, 4, 4, generator=g, dtype=DT), torch.randint(0, 4, (5,), generator=g))
-    feat = GradientFeaturizer({"conv": model.conv, "fc": model.fc}, projection_dim=None)
-    assert not feat.linear and feat.dim == 3 * 2 * 9 + 3 + 48 * 4 + 4
+    modules = {"conv": model.conv, "fc": model.fc}
+    feat = GradientFeaturizer(modules, projection_dim=None, hooks=False)
+    assert feat.linear is False and GradientFeaturizer(modules, projection_dim=None).linear
+    assert feat.dim == 3 * 2 * 9 + 3 + 48 * 4 + 4
     got = feat(model, batch, ce_loss)
     want = loop_grads(model, dict(model.named_parameters()), ce_loss, batch, 5)
     flat = torch.cat(
@@ -275,7 +277,9 @@ def test_featurizer_generic_path_non_linear_layer_equals_loop():
     torch.testing.assert_close(scaled[:, :57], 0.2 * flat[:, :57], atol=1e-9, rtol=0)
     torch.testing.assert_close(scaled[:, 57:], 3.0 * flat[:, 57:], atol=1e-9, rtol=0)
     # projected: the dense projection of exactly these features
-    proj = GradientFeaturizer({"conv": model.conv, "fc": model.fc}, projection_dim=32, seed=5)
+    proj = GradientFeaturizer(
+        {"conv": model.conv, "fc": model.fc}, projection_dim=32, seed=5, hooks=False
+    )
     m = proj.projectors["_dense"].matrix(torch.device("cpu"), DT)
     torch.testing.assert_close(proj(model, batch, ce_loss), flat @ m.T, atol=1e-6, rtol=1e-6)
 
