@@ -26,9 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--source", choices=["train", "eval"], default="train")
     demo.add_argument(
         "--method",
-        choices=["ekfac", "kfac", "arnoldi", "exact", "all"],
+        choices=[
+            *("ekfac", "kfac", "arnoldi", "exact", "relatif", "randproj", "representer"),
+            *("representer_lje", "boundary", "gex", "all"),
+        ],
         default="all",
-        help="influence demo: the InfluenceAnalysis method ('all': the four, plus TracIn)",
+        help="influence demo: the InfluenceAnalysis method ('all': every one, plus TracIn)",
+    )
+    demo.add_argument(
+        "--dataset",
+        choices=["digits", "breast_cancer"],
+        default="digits",
+        help="influence demo: the data (10 %% of the labels flipped)",
     )
     return p
 
@@ -57,7 +66,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "demo" and args.which == "influence":
         from .demo_influence import run_influence_demo
 
-        run_influence_demo(method=args.method, **epochs, out_dir=args.out, seed=args.seed)
+        run_influence_demo(
+            method=args.method, **epochs, out_dir=args.out, seed=args.seed, dataset=args.dataset
+        )
     return 0
 
 

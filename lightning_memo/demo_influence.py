@@ -535,9 +535,9 @@ def methods_chart(
         for r in rows:
             if r["key"] not in ("loss", "margin") and r["key"] not in keys:
                 keys.append(r["key"])
-    colours = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    colours = [("tab:blue", "navy"), ("tab:orange", "saddlebrown"), ("tab:green", "darkgreen")]
     width = 0.8 / max(1, len(names))
-    fig = Figure(figsize=(max(7.0, 0.75 * len(keys) + 2.5), 7.0), dpi=100)
+    fig = Figure(figsize=(max(8.0, 0.75 * len(keys) + 4.5), 7.5), dpi=100)
     axes = fig.subplots(2, 1, sharex=True)
     xs = np.arange(len(keys))
     for ax, metric, label in ((axes[0], "auroc", "AUROC"), (axes[1], "recall", "recall@10%")):
@@ -547,29 +547,35 @@ def methods_chart(
             vals = np.array([by_key[k][metric] if k in by_key else np.nan for k in keys], float)
             err = [by_key[k].get(f"{metric}_std", np.nan) if k in by_key else np.nan for k in keys]
             err_arr = np.array(err, float)
-            colour = colours[j % len(colours)]
+            bar, line = colours[j % len(colours)]
+            pos = xs - 0.4 + width * (j + 0.5)
             ax.bar(
-                xs - 0.4 + width * (j + 0.5),
+                pos,
                 vals,
                 width,
                 yerr=None if np.all(np.isnan(err_arr)) else np.nan_to_num(err_arr),
                 capsize=2,
-                color=colour,
+                color=bar,
                 label=name,
             )
+            for xp, v, e in zip(pos, vals, np.nan_to_num(err_arr)):
+                if not np.isnan(v):
+                    ax.text(xp, v + e + 0.005, f"{v:.2f}", ha="center", va="bottom", fontsize=6)
             for base, style in (("loss", "--"), ("margin", ":")):
                 if base in by_key:
                     v = by_key[base][metric]
-                    ax.axhline(v, color=colour, ls=style, lw=1.2, label=f"{name}: {base} {v:.2f}")
+                    ax.axhline(
+                        v, color=line, ls=style, lw=1.3, zorder=3, label=f"{name}: {base} {v:.2f}"
+                    )
                     low = min(low, v)
             low = min(low, np.nanmin(vals) if np.any(~np.isnan(vals)) else low)
         if metric == "auroc":
-            ax.set_ylim(max(0.0, min(0.5, low - 0.05)), 1.0)
+            ax.set_ylim(max(0.0, min(0.5, low - 0.05)), 1.02)
         else:
-            ax.set_ylim(0.0, 1.0)
+            ax.set_ylim(0.0, 1.05)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left", ncol=max(1, len(names)))
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[1].set_xticks(xs)
     axes[1].set_xticklabels([_short(k) for k in keys], rotation=35, ha="right", fontsize=8)
     if title:
