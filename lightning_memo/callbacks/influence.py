@@ -258,7 +258,7 @@ class InfluenceAnalysis(Callback):
     def _config(self, modules: Dict[str, nn.Module], feats: GradientFeaturizer, n: int) -> dict:
         return {
             "method": self.method,
-            "layers": list(modules),
+            "layers": _layers_used(self.method, modules),
             "damping": self.damping,
             "arnoldi_dim": self.arnoldi_dim if self.method == "arnoldi" else None,
             "arnoldi_k": self.arnoldi_k if self.method == "arnoldi" else None,
@@ -478,6 +478,15 @@ class InfluenceAnalysis(Callback):
         from .influence_report import write_report
 
         write_report(self, trainer, config, train, queries)
+
+
+def _layers_used(method: str, modules: Dict[str, nn.Module]) -> Any:
+    """The layers a method differentiates or reads (for config.json)."""
+    if method == "boundary":
+        return None  # input gradients only
+    if method.startswith("representer"):
+        return "the last nn.Linear (the model's output layer)"
+    return list(modules)
 
 
 def _attention_mask(batch: Any) -> Optional[torch.Tensor]:

@@ -70,6 +70,8 @@ def make_method(
         from .representer import RepresenterPoints
 
         variant = "lje" if method == "representer_lje" else "refit"
+        if variant == "lje" and damping is not None:
+            options = {"damping": damping, **options}
         return RepresenterPoints(variant=variant, **options)
     if method == "boundary":
         from .boundary import BoundaryInfluence
