@@ -37,7 +37,6 @@ from .grads import (
     check_supported_layers,
     layer_dims,
     layer_output_grad_rows,
-    linear_grads_from_io,
 )
 
 __all__ = ["KFAC", "check_kfac_modules", "fit_kfac", "with_bias_column"]
@@ -272,6 +271,44 @@ class KFAC:
             rot = qs.T @ gr.detach().to(_F64) @ qa  # (B, d_out, d_in+1)
             self._acc(f"lambda_sum/{n}", rot.square().sum(dim=0))
             self._acc(f"lambda_count/{n}", torch.tensor(gr.shape[0], device=gr.device))
+        self._invalidate()
+
+    @torch.no_grad()
+    def update_eigenvalues_from_io(
+        self, a: Dict[str, torch.Tensor], g: Dict[str, torch.Tensor]
+    ) -> None:
+        """EK-FAC correction from layer inputs ``a: (B, ..., d_in)`` and output-gradients
+        ``g: (B, ..., d_out)`` (as :class:`LinearGradCapture` records them), without forming the
+        per-sample gradients: ``Q_S^T (sum_t g_t a_t^T) Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T``, so
+        ``a`` and ``g`` are rotated first; without positions the sum over samples of the square
+        is one product ``(g~^2)^T (a~^2)``. Same sums as :meth:`update_eigenvalues`; computed in
+        the inputs' precision (float32 stays float32), accumulated in float64."""
+        if not self.ekfac:
+            raise RuntimeError(
+                "update_eigenvalues_from_io() is the EK-FAC correction (ekfac=True)."
+            )
+        self._require_eigen("update_eigenvalues_from_io()")
+        self._check_names(a, "update_eigenvalues_from_io")
+        if self._lambda_version != self._eigen_version:
+            for n in self.dims:
+                self._sums[f"lambda_sum/{n}"].zero_()
+                self._sums[f"lambda_count/{n}"].zero_()
+            self._lambda_version = self._eigen_version
+        for n, an in a.items():
+            dt = self._compute_dtype(an.dtype)
+            qa, qs = self._basis(n, an.device, dt)
+            b = an.shape[0]
+            a3 = an.detach().reshape(b, -1, an.shape[-1]).to(dt)
+            g3 = g[n].detach().reshape(b, -1, g[n].shape[-1]).to(dt)
+            if self.modules[n].bias is not None:
+                a3 = torch.cat([a3, torch.ones_like(a3[..., :1])], dim=-1)
+            at, gt = a3 @ qa, g3 @ qs  # (B, T, d_in + 1), (B, T, d_out)
+            if at.shape[1] == 1:
+                total = gt[:, 0].square().T @ at[:, 0].square()
+            else:
+                total = torch.einsum("bto,bti->boi", gt, at).square().sum(dim=0)
+            self._acc(f"lambda_sum/{n}", total.to(_F64))
+            self._acc(f"lambda_count/{n}", torch.tensor(b, device=an.device))
         self._invalidate()
 
     def _check_grad_shape(self, n: str, gr: torch.Tensor) -> None:
@@ -559,11 +596,7 @@ def fit_kfac(
             kfac.compute_eigen()
             if ekfac:
                 for a, g, _ in _passes(capture, batches, max_examples, progress, run):
-                    grads = {}
-                    for n, mod in modules.items():
-                        w, b = linear_grads_from_io(a[n], g[n], mod.bias is not None)
-                        grads[n] = with_bias_column(w, b)
-                    kfac.update_eigenvalues(grads)
+                    kfac.update_eigenvalues_from_io(a, g)
                 if reduce is not None:
                     kfac.load_stats(reduce(kfac.stats("eigenvalues")))
     finally:
