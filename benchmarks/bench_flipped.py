@@ -31,12 +31,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import logging
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +44,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import _common  # noqa: E402  (after the sys.path set-up)
+from _common import (  # noqa: E402
+    md_table,
+)
 
 from lightning_memo import IndexedDataset, InfluenceAnalysis  # noqa: E402
 from lightning_memo.demo import _auroc  # noqa: E402
@@ -71,56 +72,7 @@ def log(msg: str) -> None:
 
 
 def machine_info() -> Dict[str, str]:
-    cpu = platform.processor() or ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except (OSError, subprocess.SubprocessError):
-        pass
-
-    def version(pkg: str) -> str:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            mem = f"{int(f.readline().split()[1]) / 2**20:.1f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": f"{cpu or 'unknown'} ({os.cpu_count()} logical CPUs, {platform.machine()})",
-        "memory": mem or "unknown",
-        "torch": f"{torch.__version__}, torch threads: 1 (the demo's setting)",
-        "lightning": version("lightning"),
-        "scikit-learn": version("scikit-learn"),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "load average at start (1/5/15 min)": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
-    }
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A markdown pipe table (first column left-aligned, the others right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r: Sequence[str]) -> str:
-        parts = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))]
-        return "| " + " | ".join(parts) + " |"
-
-    sep = (
-        "|"
-        + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]])
-        + "|"
-    )
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+    return _common.machine_info(("scikit-learn",), torch_threads="1 (the demo's setting)")
 
 
 def pm(values: Sequence[float], spec: str) -> str:

@@ -79,6 +79,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from _common import (  # noqa: E402  (after the sys.path set-up)
+    _reset_peak,
+    _rss_kb,
+    fmt_mb,
+    fmt_s,
+    md_table,
+)
 
 from lightning_memo import PSMI
 
@@ -190,23 +197,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> Tuple[float, int]:
     return float(np.corrcoef(ra, rb)[0, 1]), int((~ok).sum())
 
 
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A markdown pipe table (first column left-aligned, the others right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r: Sequence[str]) -> str:
-        parts = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))]
-        return "| " + " | ".join(parts) + " |"
-
-    sep = (
-        "|"
-        + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]])
-        + "|"
-    )
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
-
-
 def ours(
     m: Any, x: torch.Tensor, y: torch.Tensor, *, seed: int = RUN_SEED, **kw: Any
 ) -> Tuple[Any, Any, Any]:
@@ -249,14 +239,6 @@ def with_timeout(fn: Callable[[], Any], seconds: int) -> Tuple[float, Any]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def fmt_s(s: float) -> str:
-    return f"{s:.3f}" if s < 10 else f"{s:.1f}"
-
-
-def fmt_mb(kb: float) -> str:
-    return f"{kb / 1024:.0f}"
 
 
 # --------------------------------------------------------------------------- machine info
@@ -572,10 +554,6 @@ def section_variance(
 
 
 # --------------------------------------------------------------------------- section 3
-def _rss_kb() -> int:
-    """Current resident set size (KB)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
 def _peak_kb() -> int:
@@ -593,16 +571,6 @@ def _peak_kb() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak() -> bool:
-    """Reset the high-water mark to the current RSS (Linux >= 4.0); whether it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_child(spec: Dict[str, Any]) -> Dict[str, Any]:

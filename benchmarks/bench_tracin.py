@@ -77,14 +77,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -106,6 +102,18 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+import _common  # noqa: E402  (after the sys.path set-up)
+from _common import (  # noqa: E402
+    _peak_kb,
+    _reset_peak,
+    _rss_kb,
+    auroc,
+    fmt_mb,
+    fmt_s,
+    md_table,
+    timed,
+)
 
 from lightning_memo import IndexedDataset, TracIn  # noqa: E402
 from lightning_memo.callbacks.tracin import module_per_sample_loss  # noqa: E402
@@ -237,12 +245,6 @@ def log(msg: str) -> None:
     print(f"[bench_tracin {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def spearman(a: Any, b: Any) -> float:
     """Spearman rank correlation (average ranks for ties are not needed: float scores)."""
     a = np.asarray(a, dtype=np.float64).ravel()
@@ -252,45 +254,10 @@ def spearman(a: Any, b: Any) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def auroc(scores: Any, positive: Any) -> float:
-    """Area under the ROC curve of ``scores`` for the ``positive`` (bool) samples
-    (Mann-Whitney U; float scores, ties negligible)."""
-    s = np.asarray(scores, dtype=np.float64)
-    pos = np.asarray(positive, dtype=bool)
-    ranks = np.argsort(np.argsort(s)).astype(np.float64) + 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|."""
     got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
     return float((got - want).abs().max() / want.abs().max())
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A markdown pipe table (first column left-aligned, the others right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r: Sequence[str]) -> str:
-        parts = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))]
-        return "| " + " | ".join(parts) + " |"
-
-    sep = (
-        "|"
-        + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]])
-        + "|"
-    )
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
-
-
-def fmt_s(s: float) -> str:
-    return f"{s:.3f}" if s < 10 else f"{s:.1f}"
-
-
-def fmt_mb(kb: float) -> str:
-    return f"{kb / 1024:.0f}"
 
 
 def quiet_lightning() -> None:
@@ -304,39 +271,7 @@ def quiet_lightning() -> None:
 
 # --------------------------------------------------------------------------- machine info
 def machine_info() -> Dict[str, str]:
-    cpu = platform.processor() or ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except (OSError, subprocess.SubprocessError):
-        pass
-
-    def version(pkg: str) -> str:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            mem = f"{int(f.readline().split()[1]) / 2**20:.1f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": f"{cpu or 'unknown'} ({os.cpu_count()} logical CPUs, {platform.machine()})",
-        "memory": mem or "unknown",
-        "torch": f"{torch.__version__}, torch threads: {torch.get_num_threads()}",
-        "lightning": version("lightning"),
-        "captum": version("captum"),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "load average at start (1/5/15 min)": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
-    }
+    return _common.machine_info(("captum",))
 
 
 # --------------------------------------------------------------------------- section 1
@@ -751,32 +686,6 @@ def section_captum(
 
 
 # --------------------------------------------------------------------------- section 3
-def _rss_kb() -> int:
-    """Current resident set size (KB)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-
-
-def _peak_kb() -> int:
-    """Peak RSS (KB): ``VmHWM`` (``ru_maxrss`` of a child is floored at its parent's RSS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak() -> bool:
-    """Reset the high-water mark to the current RSS (Linux >= 4.0); whether it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 MEMORY_CASES = [  # (label, impl, arg)
