@@ -103,7 +103,10 @@ def test_all_methods_find_flipped_labels_and_write_files(tmp_path):
             cfg = json.load(fh)
         assert cfg["method"] == m
         assert cfg["num_query"] == (None if m == "boundary" else r["n_val"]), m
-        assert cfg["layers"] == (["net.4"] if m == "exact" else ["net.0", "net.2", "net.4"])
+        want = {"exact": ["net.4"], "boundary": None}.get(m, ["net.0", "net.2", "net.4"])
+        if m.startswith("representer"):
+            want = "the last nn.Linear (the model's output layer)"
+        assert cfg["layers"] == want, m
         assert (m in r["pngs"]) == (m != "boundary") and (m in r["top5"]) == (m != "boundary")
     assert json.load(open(os.path.join(r["out_dirs"]["gex"], "config.json")))["method_kwargs"] == {
         "ft_lr": "0.2",

@@ -149,8 +149,9 @@ def check_eigenvalues(eigvals: torch.Tensor, what: str = "Hessian") -> torch.Ten
     if n_neg:
         warnings.warn(
             f"{n_neg} of {eigvals.numel()} {what} eigenvalues are negative (min "
-            f"{float(eigvals.min()):.1e}); they were clamped to 0 before damping. Use the "
-            "GGN/Fisher (method='kfac'/'ekfac') or a larger damping.",
+            f"{float(eigvals.min()):.1e}); the influence methods give their directions no weight "
+            "(solve_damped clamps them to 0). Use the GGN/Fisher (method='kfac'/'ekfac') or a "
+            "larger damping.",
             stacklevel=3,
         )
     return eigvals.clamp(min=0)

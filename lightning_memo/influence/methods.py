@@ -204,8 +204,8 @@ class ExactInfluence(InfluenceMethod):
             h = exact_ggn(model, params, output_fn, output_loss_fn, batches)
         else:
             h = exact_hessian(model, params, loss_fn, batches)
-        evals, self.evecs = torch.linalg.eigh((h + h.T) / 2)
-        self.evals = check_eigenvalues(evals, "Hessian")
+        evals, evecs = torch.linalg.eigh((h + h.T) / 2)
+        self.evals, self.evecs = _drop_negative(evals, evecs, "Hessian")
         if self.damping is None:
             self.damping = max(0.1 * float(self.evals.mean()), 1e-12)
 
@@ -279,6 +279,7 @@ class ArnoldiInfluence(InfluenceMethod):
             )
         self.arnoldi_dim, self.top_k, self.seed = int(arnoldi_dim), int(top_k), int(seed)
         self.force_hermitian = force_hermitian
+        self._vecs: Dict[str, Any] = {}  # eigenvectors cached in the gradients' dtype / device
         self.evals: Optional[torch.Tensor] = None
         self.evecs: Optional[torch.Tensor] = None
 
@@ -286,22 +287,32 @@ class ArnoldiInfluence(InfluenceMethod):
         size = sum(p.numel() for p in params.values())
         hvp = make_hvp(model, params, loss_fn, list(batches))
         dev = next(iter(params.values())).device
-        evals, self.evecs = arnoldi_eigen(
+        # all Ritz pairs, then the top_k largest *positive* ones (as Captum / Schioppa et al.):
+        # a negative-curvature direction would otherwise take a slot and, clamped to 0, get the
+        # largest weight 1 / damping
+        evals, evecs = arnoldi_eigen(
             hvp,
             size,
             self.arnoldi_dim,
-            self.top_k,
+            self.arnoldi_dim,
             seed=self.seed,
             force_hermitian=self.force_hermitian,
             device=dev,
         )
-        self.evals = check_eigenvalues(evals, "Arnoldi Hessian")
+        evals, evecs = _drop_negative(evals, evecs, "Arnoldi Hessian")
+        order = torch.argsort(evals, descending=True)[: self.top_k]
+        self.evals, self.evecs = evals[order], evecs[:, order]
         if self.damping is None:
             self.damping = max(0.1 * float(self.evals.mean()), 1e-12)
 
     def _coef(self, grads: Grads) -> torch.Tensor:
-        g = flatten_batch(grads).to(torch.float64)
-        return g @ self.evecs.to(g.device, torch.float64)
+        """(B, k) float64 coordinates in the eigenbasis (projected in the gradients' dtype)."""
+        g = flatten_batch(grads)
+        dt = torch.promote_types(g.dtype, torch.float32)
+        key = (g.device, dt)
+        if self._vecs.get("key") != key:
+            self._vecs = {"key": key, "U": self.evecs.to(device=g.device, dtype=dt)}
+        return (g.to(dt) @ self._vecs["U"]).to(torch.float64)
 
     def train_rows(self, grads: Grads) -> torch.Tensor:
         c = self._coef(grads)
@@ -322,6 +333,24 @@ class ArnoldiInfluence(InfluenceMethod):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.evals, self.evecs = state["evals"], state["evecs"]
+        self._vecs = {}
+
+
+def _drop_negative(evals: torch.Tensor, evecs: torch.Tensor, what: str):
+    """Keep the eigenpairs of non-negative curvature (round-off negatives count as 0); the
+    directions of truly negative curvature are dropped (no weight), with a warning giving their
+    count. evals: (n,), evecs: (P, n)."""
+    clamped = check_eigenvalues(evals, what)  # warns with the count of the negative ones
+    keep = evals >= -_round_off(evals)
+    return clamped[keep], evecs[:, keep]
+
+
+def _round_off(evals: torch.Tensor) -> float:
+    """The tolerance under which :func:`check_eigenvalues` treats a negative value as 0."""
+    if evals.numel() == 0:
+        return 0.0
+    eps = torch.finfo(evals.dtype).eps
+    return float(evals.abs().max()) * max(1e-6, evals.numel() * eps)
 
 
 # ----------------------------------------------------------------------------- K-FAC / EK-FAC

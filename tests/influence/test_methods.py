@@ -43,8 +43,9 @@ def setup(n=24, seed=0):
 
 
 def brute(model, batches, queries, damping, clamp=True):
-    """g_q^T (H + damping I)^{-1} g_z with H = autograd Hessian of the mean loss (negative
-    eigenvalues clamped to 0 with ``clamp``, as the eigendecomposition-based methods do)."""
+    """g_q^T (H + damping I)^{-1} g_z with H = autograd Hessian of the mean loss (with ``clamp``
+    the directions of negative curvature are dropped, as the eigendecomposition-based methods
+    do)."""
     params = list(model.parameters())
     shapes = [p.shape for p in params]
     theta = torch.cat([p.detach().reshape(-1) for p in params])
@@ -78,8 +79,10 @@ def brute(model, batches, queries, damping, clamp=True):
 
     gz, gq = grads(x, y), grads(*queries)
     evals, evecs = torch.linalg.eigh(h)
-    evals = evals.clamp(min=0) if clamp else evals
-    hinv = evecs @ torch.diag(1 / (evals + damping)) @ evecs.T
+    weight = 1 / (evals + damping)
+    if clamp:  # negative curvature: the direction gets no weight
+        weight = torch.where(evals < -1e-9, torch.zeros_like(weight), weight)
+    hinv = evecs @ torch.diag(weight) @ evecs.T
     return gq @ hinv @ gz.T, ((gz @ hinv) * gz).sum(1), (gz @ hinv).norm(dim=1)
 
 
