@@ -34,10 +34,11 @@ Sections:
      ``GradientFeaturizer`` (the callback's featuriser; Linear hook fast path, LoGra projection)
      over the training set in batches of 64 (and over the queries), rows into a ``GradientStore``,
      then ``tracin_self_influence`` / ``tracin_scores``. Projected with k = 1024 (the issue's
-     setting), 4096 and 16384, and exact (``projection_dim=None``: the store holds the full
-     85,002-entry gradients, ``3 x n x 85,002`` float32, 5.1 GB at n = 5,000). The "both" column
-     computes self-influence and scores from one store (what the callback really does). The k=1024
-     result is checked against the in-training callback's.
+     setting), 4096 and 16384, and exact (``projection_dim=None``: the store holds each Linear
+     layer's input and output-gradient, ``[a | 1 | g]``, 1,100 numbers per sample instead of the
+     85,002-entry gradient, and scores are exact: ``(a . a') (g . g')`` per layer). The "both"
+     column computes self-influence and scores from one store (what the callback really does).
+     The k=1024 result is checked against the in-training callback's.
    * Captum ``TracInCP`` with ``batch_size=64``, ``checkpoints_load_func`` loading the files and
      returning their learning rate: ``sample_wise_grads_per_batch=True`` (hooks on the layers,
      loss ``CrossEntropyLoss(reduction="sum")``) and Captum's default
@@ -402,6 +403,7 @@ def ours_store(
     paths: Sequence[str],
     k: Optional[int],
     with_queries: bool,
+    factored: bool = True,
 ) -> Tuple[GradientStore, List[torch.Tensor]]:
     """What ``TracIn(mode="checkpoints")`` does at each checkpoint, from checkpoint files: the
     training set's (and the queries') gradient features, in batches, into a ``GradientStore``."""
@@ -409,8 +411,8 @@ def ours_store(
     modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        feats = GradientFeaturizer(modules, k, seed=0)
-    store = GradientStore(cfg.n, feats.dim)
+        feats = GradientFeaturizer(modules, k, seed=0, factored=factored)
+    store = GradientStore(cfg.n, feats.dim, layout=feats.layout)
     query_grads: List[torch.Tensor] = []
     x, y, xq, yq, b = data["x"], data["y"], data["xq"], data["yq"], cfg.batch
     try:
@@ -503,7 +505,7 @@ def dense_reference(cfg, data, paths, k: int) -> Tuple[torch.Tensor, torch.Tenso
     """Self-influence and scores from a dense Gaussian projection (one (k, P) matrix) of the exact
     gradients: what an ideal unstructured random projection of size k gives (not a TracIn option;
     its (k, P) matrix and (B, P) @ (P, k) products are what LoGra avoids)."""
-    store, qg = ours_store(cfg, data, paths, None, with_queries=True)
+    store, qg = ours_store(cfg, data, paths, None, with_queries=True, factored=False)
     m = random_matrix(k, store.dim, seed=12345, kind="gaussian")
     self_inf = torch.zeros(cfg.n, dtype=torch.float64)
     scores = torch.zeros(cfg.n_query, cfg.n, dtype=torch.float64)
@@ -648,7 +650,11 @@ def section_captum(
     speed_scores = fastest["scores"] / best[(proj, "scores")]
     fast = min(speed_self, speed_scores) >= SPEEDUP_TARGET
     total = in_training.features.total
-    exact_gb = len(paths) * cfg.n * total * 4 / 2**30
+    exact_dim = sum(
+        m.in_features + 1 + m.out_features for m in in_training.features.modules.values()
+    )
+    exact_gb = len(paths) * cfg.n * exact_dim * 4 / 2**30
+    full_gb = len(paths) * cfg.n * total * 4 / 2**30
     dims = ", ".join(
         f"k={k}: {GradientFeaturizer(in_training.features.modules, k, 0).dim}" for k in cfg.ks
     )
@@ -658,8 +664,11 @@ def section_captum(
         f"warm-up)\n\n{t1}\n\n"
         "Speed-up = the fastest Captum variant's seconds / this row's. Every row starts from the "
         f"checkpoint files. `*`: the warm-up call took over {cfg.slow_s:.0f} s, so it ran once and "
-        "that time is reported. Ours exact holds the full gradients of every checkpoint "
-        f"({len(paths)} x {cfg.n:,} x {total:,} float32 = {exact_gb:.2f} GiB); projected holds "
+        "that time is reported. Ours exact holds, per checkpoint and Linear layer, the input and "
+        "output-gradient of every sample (the factors of its rank-one gradient: "
+        f"{len(paths)} x {cfg.n:,} x {exact_dim:,} float32 = {exact_gb:.3f} GiB instead of "
+        f"{len(paths)} x {cfg.n:,} x {total:,} = {full_gb:.2f} GiB for flat gradients); "
+        "projected holds "
         f"{len(paths)} x {cfg.n:,} x k' float32, where k' is k split over the layers by the "
         f"Kronecker factors ({dims}).\n\n"
         f"Projected k={cfg.k} vs the fastest Captum: **{speed_self:.1f}x** (self-influence), "
