@@ -47,7 +47,12 @@ def _run(folder, devices, batch_size):
     queries = DataLoader(TensorDataset(xq, yq), batch_size=4)
     callbacks = [
         InfluenceAnalysis(
-            queries=queries, top_k=5, output_dir=str(folder / name), progress=False, **kw
+            queries=queries,
+            top_k=5,
+            output_dir=str(folder / name),
+            progress=False,
+            cache=False,  # a retried spawn (fit_retrying_abort) must recompute, not reuse
+            **kw,
         )
         for name, kw in CONFIGS.items()
     ]
