@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# reference packages for the parity tests, without their own (CUDA) torch requirement
 	$(PY) -m pip install -q --no-deps concept-erasure==0.2.4 captum==0.9.0 \
-		kronfluence==1.0.1 accelerate einops einconv opt-einsum safetensors
+		kronfluence==1.0.1 accelerate==1.15.0 einops==0.8.2 einconv==0.1.0 \
+		opt-einsum==3.4.0 safetensors==0.8.0
 	touch $@
 
 demo: $(VENV)/.installed
