@@ -127,6 +127,15 @@ def _check_damping(damping: float, allow_zero: bool = False) -> None:
         )
 
 
+def round_off(eigvals: torch.Tensor) -> float:
+    """``max|eigvals| * max(1e-6, k * eps)``: negative values above minus this are round-off of a
+    positive semi-definite matrix (also one computed in float32), i.e. 0."""
+    if eigvals.numel() == 0:
+        return 0.0
+    eps = torch.finfo(eigvals.dtype).eps if eigvals.is_floating_point() else 0.0
+    return float(eigvals.abs().max()) * max(1e-6, eigvals.numel() * eps)
+
+
 def check_eigenvalues(eigvals: torch.Tensor, what: str = "Hessian") -> torch.Tensor:
     """Clamp negative eigenvalues to 0; warn once with the count of the truly negative ones.
 
@@ -142,9 +151,7 @@ def check_eigenvalues(eigvals: torch.Tensor, what: str = "Hessian") -> torch.Ten
     """
     if eigvals.numel() == 0:
         return eigvals
-    eps = torch.finfo(eigvals.dtype).eps if eigvals.is_floating_point() else 0.0
-    tol = float(eigvals.abs().max()) * max(1e-6, eigvals.numel() * eps)
-    neg = eigvals < -tol
+    neg = eigvals < -round_off(eigvals)
     n_neg = int(neg.sum())
     if n_neg:
         warnings.warn(

@@ -29,6 +29,7 @@ from .hessian import (
     exact_hessian,
     flatten_batch,
     make_hvp,
+    round_off,
 )
 from .kfac import KFAC, check_kfac_modules, fit_kfac, with_bias_column
 
@@ -341,16 +342,8 @@ def _drop_negative(evals: torch.Tensor, evecs: torch.Tensor, what: str):
     directions of truly negative curvature are dropped (no weight), with a warning giving their
     count. evals: (n,), evecs: (P, n)."""
     clamped = check_eigenvalues(evals, what)  # warns with the count of the negative ones
-    keep = evals >= -_round_off(evals)
+    keep = evals >= -round_off(evals)
     return clamped[keep], evecs[:, keep]
-
-
-def _round_off(evals: torch.Tensor) -> float:
-    """The tolerance under which :func:`check_eigenvalues` treats a negative value as 0."""
-    if evals.numel() == 0:
-        return 0.0
-    eps = torch.finfo(evals.dtype).eps
-    return float(evals.abs().max()) * max(1e-6, evals.numel() * eps)
 
 
 # ----------------------------------------------------------------------------- K-FAC / EK-FAC
