@@ -115,6 +115,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from _common import (  # noqa: E402  (after the sys.path set-up)
+    _peak_kb,
+    _reset_peak,
+    _rss_kb,
+    auroc,
+    fmt_mb,
+    timed,
+)
+
 from lightning_memo.influence import make_method, query_matrix, train_pass  # noqa: E402
 from lightning_memo.influence.features import GradientFeaturizer  # noqa: E402
 
@@ -252,12 +261,6 @@ def log(msg: str) -> None:
     print(f"[bench_influence {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def timed2(fn: Callable[[], Any]) -> Tuple[Tuple[float, float], Any]:
     """((wall seconds, CPU seconds of this process), result)."""
     w0, c0 = time.perf_counter(), time.process_time()
@@ -295,16 +298,6 @@ def spearman_rows(a: Any, b: Any) -> np.ndarray:
     return _corr_rows(_ranks(a, 1), _ranks(b, 1))
 
 
-def auroc(scores: Any, positive: Any) -> float:
-    """Area under the ROC curve of ``scores`` for the ``positive`` (bool) samples
-    (Mann-Whitney U; float scores, ties negligible)."""
-    s = np.asarray(scores, dtype=np.float64)
-    pos = np.asarray(positive, dtype=bool)
-    ranks = np.argsort(np.argsort(s)).astype(np.float64) + 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
 def max_rel_err(got: Any, want: Any) -> float:
     """max |got - want| / max |want|."""
     got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
@@ -333,10 +326,6 @@ def fmt_s(s: float) -> str:
     if not math.isfinite(s):
         return "-"
     return f"{s:.3f}" if s < 10 else f"{s:.1f}"
-
-
-def fmt_mb(kb: float) -> str:
-    return f"{kb / 1024:.0f}"
 
 
 def met(ok: bool) -> str:
@@ -1155,32 +1144,6 @@ def section_arnoldi(cfg: Config, model: nn.Module, data: Dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------- section 3
-def _rss_kb() -> int:
-    """Current resident set size (KB)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-
-
-def _peak_kb() -> int:
-    """Peak RSS (KB): ``VmHWM`` (``ru_maxrss`` of a child is floored at its parent's RSS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak() -> bool:
-    """Reset the high-water mark to the current RSS (Linux >= 4.0); whether it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 MEMORY_CASES = ["ours EK-FAC", "Kronfluence EK-FAC", "ours Arnoldi", "Captum Arnoldi"]

@@ -31,13 +31,18 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from .callbacks.influence import InfluenceAnalysis
-from .data import IndexedDataset, load_digits_flipped
+from .data import load_digits_flipped
 from .demo import DigitsMLP, _auroc, fit_demo
 from .demo_erasure import _quiet_single_thread
-from .demo_tracin import _per_sample_loss, _save_png, _TimedTracIn, proponents_figure
+from .demo_tracin import (
+    _per_sample_loss,
+    _save_png,
+    _TimedTracIn,
+    flipped_split,
+    proponents_figure,
+)
 
 __all__ = [
     "run_influence_demo",
@@ -275,23 +280,11 @@ def run_influence_demo(
     every = max(1, epochs // 10)
     x, y_noisy, y_true, flipped_all, n_classes = _load(dataset, seed)
     image_shape = (8, 8) if dataset == "digits" else None
-    perm = np.random.default_rng(seed).permutation(len(y_true))
-    n_val = int(round(val_fraction * len(y_true)))
-    val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    x_tr, y_tr = torch.from_numpy(x[tr]), torch.from_numpy(y_noisy[tr])
-    flipped = flipped_all[tr]
-    x_val, y_val = torch.from_numpy(x[val]), torch.from_numpy(y_true[val])
+    sp = flipped_split(x, y_noisy, y_true, flipped_all, val_fraction, seed, batch_size)
+    tr, val, x_tr, y_tr, x_val, y_val, flipped, loader, queries = sp
 
     with _quiet_single_thread():
         L.seed_everything(seed, verbose=False)
-        gen = torch.Generator().manual_seed(seed)
-        loader = DataLoader(
-            IndexedDataset(TensorDataset(x_tr, y_tr)),
-            batch_size=batch_size,
-            shuffle=True,
-            generator=gen,
-        )
-        queries = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
         run_name = "influence_demo" if dataset == "digits" else f"influence_demo_{dataset}"
         logger = L.pytorch.loggers.TensorBoardLogger(out_dir, name=run_name)
         base = os.path.join(logger.log_dir, "lightning_memo", "influence")

@@ -17,7 +17,7 @@ import os
 import struct
 import time
 import zlib
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import lightning as L
 import numpy as np
@@ -104,6 +104,47 @@ def _recall_at(score: np.ndarray, target: np.ndarray, n: int) -> float:
     return float(target[top].sum() / max(1, target.sum()))
 
 
+class FlippedSplit(NamedTuple):
+    """Indices into the dataset, tensors, the training part's flipped mask and the loaders."""
+
+    tr: np.ndarray
+    val: np.ndarray
+    x_tr: torch.Tensor
+    y_tr: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    flipped: np.ndarray
+    loader: DataLoader
+    queries: DataLoader
+
+
+def flipped_split(
+    x: np.ndarray,
+    y_noisy: np.ndarray,
+    y_true: np.ndarray,
+    flipped_all: np.ndarray,
+    val_fraction: float,
+    seed: int,
+    batch_size: int,
+) -> FlippedSplit:
+    """Seeded split of a flipped-label dataset: the training part keeps the noisy labels (a
+    shuffled loader over an ``IndexedDataset``), the validation part the true labels (the query
+    loader)."""
+    perm = np.random.default_rng(seed).permutation(len(y_true))
+    n_val = int(round(val_fraction * len(y_true)))
+    val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    x_tr, y_tr = torch.from_numpy(x[tr]), torch.from_numpy(y_noisy[tr])
+    x_val, y_val = torch.from_numpy(x[val]), torch.from_numpy(y_true[val])
+    loader = DataLoader(
+        IndexedDataset(TensorDataset(x_tr, y_tr)),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    queries = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
+    return FlippedSplit(tr, val, x_tr, y_tr, x_val, y_val, flipped_all[tr], loader, queries)
+
+
 def run_tracin_demo(
     epochs: int = 40,
     out_dir: str = "demo_runs",
@@ -153,23 +194,11 @@ def run_tracin_demo(
         raise ValueError(f"val_fraction={val_fraction!r} must lie in (0, 1).")
     every = every_n_epochs or max(1, epochs // 10)
     x, y_noisy, y_true, flipped_all = load_digits_flipped(0.1, seed)
-    perm = np.random.default_rng(seed).permutation(len(y_true))
-    n_val = int(round(val_fraction * len(y_true)))
-    val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    x_tr, y_tr = torch.from_numpy(x[tr]), torch.from_numpy(y_noisy[tr])
-    flipped = flipped_all[tr]
-    x_val, y_val = torch.from_numpy(x[val]), torch.from_numpy(y_true[val])
+    sp = flipped_split(x, y_noisy, y_true, flipped_all, val_fraction, seed, batch_size)
+    tr, val, x_tr, y_tr, x_val, _, flipped, loader, queries = sp
 
     with _quiet_single_thread():
         L.seed_everything(seed, verbose=False)
-        gen = torch.Generator().manual_seed(seed)
-        loader = DataLoader(
-            IndexedDataset(TensorDataset(x_tr, y_tr)),
-            batch_size=batch_size,
-            shuffle=True,
-            generator=gen,
-        )
-        queries = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
         tracin = _TimedTracIn(
             mode=mode,
             projection_dim=projection_dim,
