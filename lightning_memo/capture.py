@@ -5,15 +5,131 @@ Knows modules, hooks and sample indices; nothing of PSMI or influence.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+import itertools
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .exceptions import LayerNotFoundError
 
-__all__ = ["FeatureCapture", "pool", "resolve_layers", "POOLINGS", "LayerSpec", "Pooling"]
+__all__ = [
+    "FeatureCapture",
+    "pool",
+    "resolve_layers",
+    "POOLINGS",
+    "LayerSpec",
+    "Pooling",
+    "add_forward_hook",
+    "HOOK_STAGES",
+    "exclusive_pass",
+    "recording_allowed",
+    "eval_mode",
+    "extra_pass",
+]
+
+# ---------------------------------------------------------------------- hook order
+HOOK_STAGES = ("grad", "modify", "observe")
+"""Order of our forward hooks on one module, whatever order the callbacks registered them in:
+``"grad"`` hooks see the layer's own output (gradient capture: d loss / d output, times the
+input), ``"modify"`` hooks may replace the output (concept erasure), ``"observe"`` hooks see the
+output the rest of the model receives (feature capture)."""
+
+_DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, _Dispatcher] = weakref.WeakKeyDictionary()
+_SEQ = itertools.count()
+
+
+class _Dispatcher:
+    """One forward hook per module that runs our hooks sorted by (stage, registration order)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.entries: List[Tuple[int, int, Callable]] = []
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        for _, _, fn in list(self.entries):
+            res = fn(module, inputs, output)
+            if res is not None:
+                output = res
+        return output
+
+
+class OrderedHandle:
+    """Removes one hook added with :func:`add_forward_hook` (idempotent)."""
+
+    def __init__(self, module: nn.Module, entry: Tuple[int, int, Callable]) -> None:
+        self._module = weakref.ref(module)
+        self._entry = entry
+
+    def remove(self) -> None:
+        module = self._module()
+        disp = _DISPATCHERS.get(module) if module is not None else None
+        if disp is None or self._entry not in disp.entries:
+            return
+        disp.entries.remove(self._entry)
+        if not disp.entries:
+            disp.handle.remove()
+            del _DISPATCHERS[module]
+
+
+def add_forward_hook(module: nn.Module, hook: Callable, stage: str) -> OrderedHandle:
+    """Register ``hook(module, inputs, output) -> None | new output`` at ``stage`` of
+    :data:`HOOK_STAGES`, so hook order never depends on which callback registered first."""
+    if stage not in HOOK_STAGES:
+        raise ValueError(f"stage={stage!r}: use one of {HOOK_STAGES}.")
+    disp = _DISPATCHERS.get(module)
+    if disp is None:
+        disp = _DISPATCHERS[module] = _Dispatcher(module)
+    entry = (HOOK_STAGES.index(stage), next(_SEQ), hook)
+    disp.entries.append(entry)
+    disp.entries.sort(key=lambda e: e[:2])
+    return OrderedHandle(module, entry)
+
+
+# ---------------------------------------------------------------------- extra passes
+_PASS_OWNERS: List[object] = []
+
+
+@contextlib.contextmanager
+def exclusive_pass(owner: object) -> Iterator[None]:
+    """Mark the forward/backward passes run inside as ``owner``'s extra pass: the recorders of
+    every other owner (feature capture, gradient capture, eraser fitting) ignore them."""
+    _PASS_OWNERS.append(owner)
+    try:
+        yield
+    finally:
+        _PASS_OWNERS.pop()
+
+
+def recording_allowed(owner: Optional[object]) -> bool:
+    """Whether a recorder of ``owner`` may record now: outside extra passes, inside its own, or
+    always for ``owner=None`` (standalone use of the math core)."""
+    return owner is None or not _PASS_OWNERS or _PASS_OWNERS[-1] is owner
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside, then every submodule gets back its *own* ``training`` flag
+    (``model.train(was_training)`` would switch on dropout the user left off)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def extra_pass(owner: object, model: nn.Module) -> Iterator[nn.Module]:
+    """An extra pass of one callback: eval mode (modes restored per module) and invisible to
+    the other callbacks' recorders (:func:`exclusive_pass`)."""
+    with exclusive_pass(owner), eval_mode(model):
+        yield model
+
 
 POOLINGS = ("mean", "last", "first", "flatten")
 LayerSpec = Union[str, nn.Module, Sequence[Union[str, nn.Module]]]
@@ -143,8 +259,10 @@ class FeatureCapture:
         layers: names, globs or modules (see :func:`resolve_layers`).
         pooling: see :func:`pool`.
         num_samples: ``N``; buffers are allocated at the first record (``d`` unknown before).
-        dtype: buffer dtype.
+        dtype: buffer dtype (floating).
         device: buffer device (CPU by default, so ``N x d`` never occupies accelerator memory).
+        owner: the callback recording; other callbacks' extra passes are not recorded
+            (:func:`exclusive_pass`). ``None`` records every pass.
     """
 
     def __init__(
@@ -155,7 +273,14 @@ class FeatureCapture:
         num_samples: Optional[int] = None,
         dtype: torch.dtype = torch.float32,
         device: Union[str, torch.device] = "cpu",
+        owner: Optional[object] = None,
     ) -> None:
+        if not dtype.is_floating_point:
+            raise ValueError(
+                f"feature dtype {dtype} is not a floating dtype; use torch.float32, float64, "
+                "float16 or bfloat16."
+            )
+        self.owner = owner
         self.modules = resolve_layers(model, layers)
         self.pooling = check_pooling(pooling)
         self.num_samples = num_samples
@@ -163,7 +288,8 @@ class FeatureCapture:
         self.device = torch.device(device)
         self.buffers: Dict[str, torch.Tensor] = {}
         self.seen: Dict[str, torch.Tensor] = {}
-        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+        self.repeated: Dict[str, List[int]] = {}  # indices recorded twice since reset()
+        self._handles: List[OrderedHandle] = []
         self._indices: Optional[torch.Tensor] = None
         self._mask: Optional[torch.Tensor] = None
 
@@ -177,7 +303,7 @@ class FeatureCapture:
         """Register the forward hooks (idempotent)."""
         if not self._handles:
             for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+                self._handles.append(add_forward_hook(module, self._make_hook(name), "observe"))
         return self
 
     def remove(self) -> None:
@@ -209,7 +335,7 @@ class FeatureCapture:
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: object, output: object) -> None:
-            if self._indices is None:
+            if self._indices is None or not recording_allowed(self.owner):
                 return
             out = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(out, torch.Tensor):
@@ -244,19 +370,32 @@ class FeatureCapture:
         if self.num_samples is None:
             raise RuntimeError("FeatureCapture.allocate(num_samples) must run before recording.")
         buf = self.buffers.get(name)
+        if buf is not None and buf.shape[1] != pooled.shape[1] and bool(self.seen[name].any()):
+            raise ValueError(
+                f"Layer {name!r} produced pooled features of width {pooled.shape[1]} but earlier "
+                f"batches of this pass gave width {buf.shape[1]}: the width must not change within "
+                "an epoch (pooling='flatten' on variable-length outputs does this). Use "
+                "pooling='mean', 'first' or 'last', pad inputs to one length, or a pooling "
+                "callable with a fixed output width."
+            )
         if buf is None or buf.shape[1] != pooled.shape[1]:
             buf = torch.zeros(
                 self.num_samples, pooled.shape[1], dtype=self.dtype, device=self.device
             )
             self.buffers[name] = buf
             self.seen[name] = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
+        seen = self.seen[name]
+        again = indices[seen[indices]]
+        if again.numel():  # recorded twice in one pass: the later batch overwrote the earlier
+            self.repeated.setdefault(name, []).extend(again.tolist()[:10])
         buf[indices] = pooled.to(device=self.device, dtype=self.dtype)
-        self.seen[name][indices] = True
+        seen[indices] = True
 
     def reset(self) -> None:
         """Forget which samples were seen (buffers are kept and overwritten)."""
         for s in self.seen.values():
             s.zero_()
+        self.repeated = {}
 
     def rows(self, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """Indices ``(n,)`` and features ``(n, d)`` of the samples seen for layer ``name``."""

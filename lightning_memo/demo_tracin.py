@@ -30,7 +30,7 @@ from .callbacks.tracin import MODES, TracIn
 from .data import IndexedDataset, load_digits_flipped
 from .demo import DigitsMLP, _auroc, fit_demo
 from .demo_erasure import _quiet_single_thread
-from .logging import as_image, image_grid
+from .io import as_image, image_grid
 
 __all__ = ["run_tracin_demo", "proponents_figure"]
 
@@ -324,7 +324,7 @@ def proponents_figure(
 
     One row per example: the query, a gap, its proponents, a gap, its opponents (most influential
     first). Each tile is the 8x8 digit (dark ink on white, scaled by ``TILE_SCALE``) with its label
-    printed under it by :func:`lightning_memo.logging.image_grid`: the true label for the query,
+    printed under it by :func:`lightning_memo.io.image_grid`: the true label for the query,
     the training (possibly flipped) label for the others; flipped training samples have a red
     frame.
 

@@ -36,6 +36,10 @@ class SampleIndexError(ValueError):
     """A sample index is out of range or duplicated within a batch."""
 
 
+class OutputDirError(RuntimeError):
+    """The result folder cannot be written, or two callbacks would share it."""
+
+
 class NotFittedError(RuntimeError):
     """An estimator was used before `fit`."""
 

@@ -14,11 +14,24 @@ affine edits r is the smallest in the S_xx-weighted (whitened) norm.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 __all__ = ["LeaceFitter", "LeaceEraser", "linear_shrinkage", "concept_matrix"]
+
+
+def _as_tensor(a: Any) -> torch.Tensor:
+    """A tensor as is; a numpy array (or nested list) as a CPU tensor, without a copy if writable.
+
+    numpy is not imported here: ``torch.as_tensor`` reads arrays through the buffer protocol.
+    """
+    if isinstance(a, torch.Tensor):
+        return a
+    flags = getattr(a, "flags", None)
+    if flags is not None and not flags.writeable:
+        return torch.tensor(a)  # a copy: torch warns on read-only arrays it would share
+    return torch.as_tensor(a)
 
 
 def linear_shrinkage(s: torch.Tensor, n: int) -> torch.Tensor:
@@ -87,8 +100,9 @@ class LeaceEraser:
     bias: Optional[torch.Tensor]
 
     @classmethod
-    def fit(cls, x: torch.Tensor, z: torch.Tensor, **kwargs) -> LeaceEraser:
-        """Fit on x: (n, d) and z: (n,) classes or (n, k); kwargs go to :class:`LeaceFitter`."""
+    def fit(cls, x: Any, z: Any, **kwargs) -> LeaceEraser:
+        """Fit on x: (n, d) and z: (n,) classes or (n, k), tensors or numpy arrays; kwargs go to
+        :class:`LeaceFitter`. The factors are tensors (float64 for float64 numpy input)."""
         return LeaceFitter.fit(x, z, **kwargs).eraser
 
     @property
@@ -107,8 +121,17 @@ class LeaceEraser:
         eye = torch.eye(self.dim, dtype=self.left.dtype, device=self.left.device)
         return eye - self.left @ self.right.T
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Erase the concept from x: (..., d); returns the same shape and dtype."""
+    def __call__(self, x: Any) -> Any:
+        """Erase the concept from x: (..., d); returns the same shape and dtype.
+
+        A numpy array in gives a numpy array of the same dtype out (computed on the CPU); an integer
+        array is erased in the eraser's dtype, since integer factors would be truncated.
+        """
+        if not isinstance(x, torch.Tensor):
+            t = _as_tensor(x)
+            if not t.is_floating_point():
+                t = t.to(self.left.dtype)
+            return self(t).detach().numpy()
         if x.shape[-1] != self.dim:
             raise ValueError(
                 f"The eraser was fitted on {self.dim}-dimensional features but got input of shape "
@@ -196,8 +219,12 @@ class LeaceFitter:
         self.trace_mix: Optional[float] = None  # weight of LEACE when the trace constraint acted
 
     @classmethod
-    def fit(cls, x: torch.Tensor, z: torch.Tensor, **kwargs) -> LeaceFitter:
-        """One-shot fit on x: (n, d) and z: (n,) classes or (n, k) (``z_dim`` inferred)."""
+    def fit(cls, x: Any, z: Any, **kwargs) -> LeaceFitter:
+        """One-shot fit on x: (n, d) and z: (n,) classes or (n, k) (``z_dim`` inferred).
+
+        Tensors or numpy arrays; the eraser's dtype defaults to that of x (float32 for integers).
+        """
+        x, z = _as_tensor(x), _as_tensor(z)
         z_dim = kwargs.pop("z_dim", None)
         if z_dim is None and z.ndim == 1 and z.is_floating_point():
             raise ValueError(
@@ -215,7 +242,8 @@ class LeaceFitter:
         return cls(x.shape[-1], z_dim, **kwargs).update(x, z)
 
     # ------------------------------------------------------------------ statistics
-    def _check(self, x: torch.Tensor, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _check(self, x: Any, z: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, z = _as_tensor(x), _as_tensor(z)
         if x.shape[-1] != self.x_dim:
             raise ValueError(
                 f"x has {x.shape[-1]} features but the fitter was built with x_dim={self.x_dim}."
@@ -249,8 +277,11 @@ class LeaceFitter:
         self.z_dim = z_dim
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, z: torch.Tensor) -> LeaceFitter:
-        """Add a batch: x (n, d) (or (..., d), z matching its leading size), z (n,) or (n, k)."""
+    def update(self, x: Any, z: Any) -> LeaceFitter:
+        """Add a batch: x (n, d) (or (..., d), z matching its leading size), z (n,) or (n, k).
+
+        Tensors or numpy arrays (the statistics are float64 tensors either way).
+        """
         x, z = self._check(x, z)
         n = x.shape[0]
         if n == 0:

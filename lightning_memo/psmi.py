@@ -10,6 +10,8 @@ Explainability", ISIT 2023, Algorithm 1.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
@@ -24,6 +26,16 @@ __all__ = ["PSMI", "sample_directions"]
 # Elements of the (classes, rows, directions) work tensor per chunk: 8 MB in float64; larger chunks
 # mean fewer small kernel launches, which matters when other processes share the cores.
 _CHUNK_ELEMENTS = 1 << 20
+
+
+def _positive_int(name: str, value: Any, allowed: str = "a positive integer") -> int:
+    """``value`` as an int >= 1: ints and integral floats pass; booleans, None and 2.7 do not."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if isinstance(value, (float, np.floating)):
+        ok = math.isfinite(value) and float(value).is_integer()
+    if not ok or int(value) < 1:
+        raise ValueError(f"{name}={value!r}: use {allowed} (got {type(value).__name__}).")
+    return int(value)
 
 
 def sample_directions(
@@ -140,20 +152,20 @@ class PSMI:
         return_full: bool = True,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        if n_estimators != "auto":
-            if isinstance(n_estimators, str) or int(n_estimators) < 1:
-                raise ValueError(
-                    f"n_estimators={n_estimators!r}: use a positive integer or 'auto'."
-                )
+        auto = isinstance(n_estimators, str) and n_estimators == "auto"
+        if not auto:
+            n_estimators = _positive_int(
+                "n_estimators", n_estimators, "a positive integer or 'auto'"
+            )
+        min_n_estimators = _positive_int("min_n_estimators", min_n_estimators)
+        max_n_estimators = _positive_int("max_n_estimators", max_n_estimators)
         for name, value, lo, hi in (
             ("lowest_psmi_quantile", lowest_psmi_quantile, 0.0, 1.0),
             ("milestone", milestone, 0.0, 1.0),
         ):
             if not lo < value < hi:
                 raise ValueError(f"{name}={value!r}: must lie strictly between {lo} and {hi}.")
-        if int(min_n_estimators) < 1:
-            raise ValueError(f"min_n_estimators={min_n_estimators!r}: must be >= 1.")
-        if int(max_n_estimators) < int(min_n_estimators):
+        if max_n_estimators < min_n_estimators:
             raise ValueError(
                 f"max_n_estimators={max_n_estimators!r} is below "
                 f"min_n_estimators={min_n_estimators!r}; raise it."
@@ -164,13 +176,22 @@ class PSMI:
             )
         if memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb={memory_budget_mb!r}: must be positive.")
-        self.n_estimators: Optional[int] = None if n_estimators == "auto" else int(n_estimators)
-        self.auto = n_estimators == "auto"
-        self.min_n_estimators = int(min_n_estimators)
+        if not (
+            isinstance(variance_floor, numbers.Real)
+            and math.isfinite(variance_floor)
+            and variance_floor >= 0
+        ):
+            raise ValueError(
+                f"variance_floor={variance_floor!r}: use a finite number >= 0 (a share of each "
+                "direction's variance; 0 keeps only the rounding floor, the default is 1e-10)."
+            )
+        self.n_estimators: Optional[int] = None if auto else n_estimators
+        self.auto = auto
+        self.min_n_estimators = min_n_estimators
         self.lowest_psmi_quantile = float(lowest_psmi_quantile)
         self.max_variation_of_the_lowest = float(max_variation_of_the_lowest)
         self.milestone = float(milestone)
-        self.max_n_estimators = int(max_n_estimators)
+        self.max_n_estimators = max_n_estimators
         self.directions = directions
         self.variance_floor = float(variance_floor)
         self.memory_budget_mb = float(memory_budget_mb)
@@ -184,6 +205,7 @@ class PSMI:
         self.generator = generator
         self._fit: Optional[_Fit] = None
         self._numpy_out = False
+        self._label_names: Optional[np.ndarray] = None  # sorted class names of string labels
 
     # ------------------------------------------------------------------ fitted attributes
     @property
@@ -206,26 +228,33 @@ class PSMI:
 
     @property
     def classes_(self) -> Any:
-        """Sorted class labels ``(C,)``."""
-        return self._out(self._fitted().classes)
+        """Sorted class labels ``(C,)`` (a numpy array of the names for string labels)."""
+        f = self._fitted()
+        return self._label_names.copy() if self._label_names is not None else self._out(f.classes)
+
+    def _class_keys(self, f: _Fit) -> list:
+        """The fitted classes as dict keys: ints, or the names of string labels."""
+        if self._label_names is not None:
+            return self._label_names.tolist()
+        return [int(c) for c in f.classes.tolist()]
 
     @property
     def frequency_per_label(self) -> dict:
         """``{label: frequency}`` as in the ``psmi`` package."""
         f = self._fitted()
-        return {int(c): float(p) for c, p in zip(f.classes.tolist(), f.priors.tolist())}
+        return {c: float(p) for c, p in zip(self._class_keys(f), f.priors.tolist())}
 
     @property
     def mean_per_label(self) -> dict:
         """``{label: (n_estimators,) means}`` as in the ``psmi`` package."""
         f = self._fitted()
-        return {int(c): self._out(f.means[i]) for i, c in enumerate(f.classes.tolist())}
+        return {c: self._out(f.means[i]) for i, c in enumerate(self._class_keys(f))}
 
     @property
     def std_per_label(self) -> dict:
         """``{label: (n_estimators,) stds}`` (after the variance floor)."""
         f = self._fitted()
-        return {int(c): self._out(f.stds[i]) for i, c in enumerate(f.classes.tolist())}
+        return {c: self._out(f.stds[i]) for i, c in enumerate(self._class_keys(f))}
 
     @property
     def n_floored(self) -> int:
@@ -233,14 +262,28 @@ class PSMI:
         return self._fitted().n_floored
 
     # ------------------------------------------------------------------ input handling
-    def _prepare(self, features: Any, labels: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(
+        self, features: Any, labels: Any, fitting: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[np.ndarray]]:
+        """Validate and convert once per call.
+
+        Returns:
+            x: (n, d) in the compute dtype; y: (n,) long class ids; the sorted class names when
+            ``fitting`` on string labels (``np.unique`` order, ids index them), else ``None``.
+        """
         self._numpy_out = not isinstance(features, torch.Tensor)
         x = (
             features
             if isinstance(features, torch.Tensor)
             else torch.as_tensor(np.asarray(features))
         )
-        y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+        if x.is_complex():
+            raise ValueError(
+                f"features are complex ({x.dtype}); PSMI needs real features and would drop the "
+                "imaginary part. Pass x.real, x.abs() or the real and imaginary parts as separate "
+                "columns (torch.view_as_real(x).flatten(1))."
+            )
+        y = labels if isinstance(labels, torch.Tensor) else np.asarray(labels)
         if x.ndim != 2:
             raise ValueError(
                 f"features has shape {tuple(x.shape)}; expected (n_samples, dim). Pool or flatten "
@@ -251,9 +294,48 @@ class PSMI:
                 f"labels has shape {tuple(y.shape)} but features has {x.shape[0]} rows; expected "
                 f"labels of shape ({x.shape[0]},)."
             )
+        names = None
+        if isinstance(y, np.ndarray):
+            if y.dtype.kind == "O" and all(isinstance(v, str) for v in y):
+                y = y.astype(str)
+            if y.dtype.kind in "US":
+                y, names = self._string_label_ids(y, fitting)
+            elif y.dtype.kind not in "biuf":
+                raise ValueError(
+                    f"labels have dtype {y.dtype}; pass integer class ids or class names (str)."
+                )
+            else:
+                y = torch.as_tensor(y)
+                if not fitting and self._label_names is not None:
+                    raise ValueError(
+                        "PSMI was fitted on string labels (classes "
+                        f"{self._label_names[:10].tolist()}) but transform got numeric labels; "
+                        "pass the class names, as in fit."
+                    )
+        elif not fitting and self._label_names is not None:
+            raise ValueError(
+                f"PSMI was fitted on string labels (classes {self._label_names[:10].tolist()}) "
+                "but transform got a tensor of labels; pass the class names, as in fit."
+            )
+        if y.is_complex():
+            raise ValueError(f"labels are complex ({y.dtype}); pass integer class ids.")
         if y.is_floating_point():
-            if not torch.all(y == torch.round(y)):
-                raise ValueError("labels must be integer class ids; got non-integer values.")
+            bad = ~torch.isfinite(y) | (y.abs() >= 2.0**63)
+            if bool(bad.any()):
+                pos = torch.nonzero(bad).flatten()[:10].tolist()
+                raise ValueError(
+                    f"labels must be finite class ids; {int(bad.sum())} of {y.shape[0]} labels are "
+                    f"NaN, inf or beyond the int64 range (first positions: {pos}). Drop those "
+                    "samples or fix their labels before computing PSMI."
+                )
+            frac = y != torch.round(y)
+            if bool(frac.any()):
+                vals = torch.unique(y[frac])[:5].tolist()
+                raise ValueError(
+                    f"labels must be integer class ids; got {int(frac.sum())} non-integer values "
+                    f"such as {vals}. Pass integer class ids (bin or round continuous values "
+                    "first), or class names as strings."
+                )
         y = y.to(device=x.device, dtype=torch.long)
         dtype = self.dtype
         if dtype is None:
@@ -268,7 +350,31 @@ class PSMI:
                 f"{int(bad.sum())} of {x.shape[0]} feature rows contain NaN or inf (first rows: "
                 f"{rows}); remove them (x[torch.isfinite(x).all(1)]) before computing PSMI."
             )
-        return x, y
+        return x, y, names
+
+    def _string_label_ids(
+        self, y: np.ndarray, fitting: bool
+    ) -> Tuple[torch.Tensor, Optional[np.ndarray]]:
+        """Class ids of string labels: positions in the sorted names (``np.unique`` order), those
+        of this call when ``fitting``, else those of ``fit``."""
+        if fitting:
+            names, ids = np.unique(y, return_inverse=True)
+            return torch.as_tensor(ids.reshape(-1).astype(np.int64)), names
+        names = self._label_names
+        if names is None:
+            raise ValueError(
+                "PSMI was fitted on integer class ids but transform got string labels; pass the "
+                "same kind of labels as in fit."
+            )
+        pos = np.searchsorted(names, y).clip(max=names.size - 1)
+        ok = names[pos] == y
+        if not ok.all():
+            unknown = np.unique(y[~ok])[:10].tolist()
+            raise ValueError(
+                f"labels {unknown} were not seen in fit (fitted classes: {names[:20].tolist()}); "
+                "transform only samples of fitted classes."
+            )
+        return torch.as_tensor(pos.astype(np.int64)), None
 
     def _block_size(self, n: int, itemsize: int) -> int:
         budget = self.memory_budget_mb * 2**20
@@ -378,9 +484,13 @@ class PSMI:
             )
         return pos
 
-    def _class_counts(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _class_counts(
+        self, y: torch.Tensor, names: Optional[np.ndarray] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         classes, counts = torch.unique(y, return_counts=True)
         single = classes[counts < 2].tolist()
+        if names is not None:
+            single = names[single].tolist()
         if single:
             raise ValueError(
                 f"class(es) {single[:10]} have fewer than 2 samples, so their per-class std is "
@@ -395,11 +505,24 @@ class PSMI:
         theta: Optional[torch.Tensor],
         return_full: bool,
         score: bool = True,
+        names: Optional[np.ndarray] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Fit (theta given or drawn) and, if ``score``, transform the same samples blockwise."""
+        """Fit (theta given or drawn) and, if ``score``, transform the same samples blockwise.
+
+        ``names``: sorted class names of string labels (``y`` indexes them), stored with the fit.
+        """
         score = score or self.auto
         n, d = x.shape
-        classes, counts = self._class_counts(y)
+        classes, counts = self._class_counts(y, names)
+        if classes.numel() == 1:
+            label = names[0] if names is not None else int(classes[0])
+            warnings.warn(
+                f"PSMI: all {n} labels are one class ({label!r}), so PSMI is 0 by construction "
+                "when there is one class (the label carries no information): every score is 0. "
+                "Pass labels of at least two classes.",
+                UserWarning,
+                stacklevel=3,
+            )
         order, segments = self._sort_by_class(y, classes)
         xs, live = _live_columns(x[order])
         priors = counts.to(torch.float64) / n
@@ -460,6 +583,7 @@ class PSMI:
             stds=torch.cat(stds_parts, dim=1),
             n_floored=n_floored,
         )
+        self._label_names = names
         self._warn_floored(n_floored, classes.numel() * done)
         inv = torch.argsort(order)
         mean, std = acc.result()
@@ -502,8 +626,8 @@ class PSMI:
         Returns:
             self.
         """
-        x, y = self._prepare(features, labels)
-        self._run(x, y, None, return_full=False, score=False)
+        x, y, names = self._prepare(features, labels, fitting=True)
+        self._run(x, y, None, return_full=False, score=False, names=names)
         return self
 
     def transform(
@@ -520,7 +644,13 @@ class PSMI:
             mean: (n,) PSMI; std: (n,) std over directions; full: (n, m) or ``None``.
         """
         f = self._fitted()
-        x, y = self._prepare(features, labels)
+        x, y, _ = self._prepare(features, labels, fitting=False)
+        if x.shape[1] != f.theta.shape[1]:
+            raise ValueError(
+                f"features has {x.shape[1]} columns but PSMI was fitted on {f.theta.shape[1]} "
+                f"features; transform features of the same layer as in fit ({f.theta.shape[1]} "
+                "columns), or fit again on these."
+            )
         return_full = self.return_full if return_full is None else return_full
         order, segments = self._sort_by_class(y, f.classes.to(y.device))
         xs, live = _live_columns(x[order])
@@ -563,22 +693,24 @@ class PSMI:
         Returns:
             mean: (n,), std: (n,), full: (n, m) or ``None``.
         """
-        x, y = self._prepare(features, labels)
+        x, y, names = self._prepare(features, labels, fitting=True)
         return_full = self.return_full if return_full is None else return_full
-        mean, std, full = self._run(x, y, None, return_full)
+        mean, std, full = self._run(x, y, None, return_full, names=names)
         return self._triple(mean, std, full)
 
     def fit_transform_with_directions(
         self, features: Any, labels: Any, theta: Any, return_full: Optional[bool] = None
     ) -> Tuple[Any, Any, Any]:
         """``fit_transform`` with given directions ``theta: (m, d)`` (rows of unit norm)."""
-        x, y = self._prepare(features, labels)
+        x, y, names = self._prepare(features, labels, fitting=True)
         th = theta if isinstance(theta, torch.Tensor) else torch.as_tensor(np.asarray(theta))
         if th.ndim != 2 or th.shape[1] != x.shape[1]:
             raise ValueError(f"theta has shape {tuple(th.shape)}; expected (m, {x.shape[1]}).")
+        if th.is_complex():
+            raise ValueError(f"theta is complex ({th.dtype}); pass real unit directions.")
         self.auto, self.n_estimators = False, th.shape[0]
         return_full = self.return_full if return_full is None else return_full
-        return self._triple(*self._run(x, y, th, return_full))
+        return self._triple(*self._run(x, y, th, return_full, names=names))
 
     def _triple(self, mean: torch.Tensor, std: torch.Tensor, full: Optional[torch.Tensor]):
         return self._out(mean), self._out(std), None if full is None else self._out(full)

@@ -7,6 +7,7 @@ reference package ``concept-erasure`` 0.2.4 (those tests skip cleanly when it is
 """
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -728,3 +729,51 @@ def test_bad_inputs():
         LeaceFitter(0, 2)
     with pytest.raises(RuntimeError, match="does not track the covariance"):
         _ = LeaceFitter.fit(x, z, method="orth").sigma_xx
+
+
+# ------------------------------------------------------------------------- 11. numpy input
+@pytest.mark.parametrize("method", ["leace", "orth"])
+def test_numpy_input_matches_torch(method):
+    """numpy x and z work in LeaceFitter.fit / update and LeaceEraser.fit; numpy in, numpy out."""
+    x, z = _data(35, 300, 7, 3)
+    x_np, z_np = x.numpy(), z.numpy()
+    ref = LeaceFitter.fit(x, z, method=method).eraser
+
+    def same(eraser):
+        assert isinstance(eraser.left, torch.Tensor) and eraser.left.dtype == F64
+        for a, b in ((eraser.left, ref.left), (eraser.right, ref.right), (eraser.bias, ref.bias)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    same(LeaceFitter.fit(x_np, z_np, method=method).eraser)
+    same(LeaceEraser.fit(x_np, z_np, method=method))
+    fitter = LeaceFitter(7, 3, method=method, dtype=F64)
+    streamed = LeaceFitter(7, None, method=method, dtype=F64)
+    for s in range(0, 300, 100):
+        fitter.update(x_np[s : s + 100], z_np[s : s + 100])
+        streamed.update(x_np[s : s + 100], z_np[s : s + 100])
+    torch_fitter = LeaceFitter(7, 3, method=method, dtype=F64)
+    for s in range(0, 300, 100):
+        torch_fitter.update(x[s : s + 100], z[s : s + 100])
+    for f in (fitter, streamed):
+        torch.testing.assert_close(f.eraser.left, torch_fitter.eraser.left, rtol=0, atol=0)
+    one_hot = _onehot(z, 3).numpy()
+    torch.testing.assert_close(
+        LeaceFitter.fit(x_np, one_hot, method=method).eraser.left, ref.left, rtol=0, atol=1e-12
+    )
+
+    out = ref(x_np)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == x_np.shape
+    np.testing.assert_array_equal(out, ref(x).numpy())
+    out32 = ref(x_np.astype(np.float32))
+    assert isinstance(out32, np.ndarray) and out32.dtype == np.float32
+    np.testing.assert_array_equal(out32, ref(x.float()).numpy())
+    np.testing.assert_array_equal(ref(x_np[:24].reshape(2, 12, 7)), out[:24].reshape(2, 12, 7))
+    frozen = x_np.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable array" warning from torch
+        np.testing.assert_array_equal(ref(frozen), out)
+    ints = np.rint(x_np * 10).astype(np.int64)
+    np.testing.assert_allclose(ref(ints), ref(torch.as_tensor(ints, dtype=F64)).numpy(), atol=0)
+    with pytest.raises(ValueError, match="fitted on 7-dimensional features"):
+        ref(x_np[:, :5])

@@ -623,3 +623,121 @@ def test_dead_columns_are_dropped_exactly(monkeypatch):
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     torch.testing.assert_close(est.transform(x, y)[0], slow[0], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- 15. validation
+def test_string_labels_map_to_class_ids(small):
+    """String labels (array or list) give the scores of their np.unique codes; names are kept."""
+    x, y, _ = small
+    names = np.array(["cat", "dog", "emu"])
+    codes = np.searchsorted([2, 5, 9], y)
+    y_str = names[codes]
+    ref = PSMI(n_estimators=30, seed=4).fit_transform(x, codes)
+    for labels in (y_str, y_str.tolist(), y_str.astype(object)):
+        out = PSMI(n_estimators=30, seed=4).fit_transform(x, labels)
+        for a, b in zip(out, ref):
+            np.testing.assert_array_equal(a, b)
+    est = PSMI(n_estimators=30, seed=4).fit(x, y_str)
+    np.testing.assert_array_equal(est.classes_, names)
+    assert set(est.frequency_per_label) == {"cat", "dog", "emu"}
+    assert est.mean_per_label["dog"].shape == (30,)
+    for a, b in zip(est.transform(x, list(y_str)), ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"labels \['bird'\] were not seen in fit"):
+        est.transform(x[:3], ["cat", "bird", "dog"])
+    with pytest.raises(ValueError, match="fitted on string labels"):
+        est.transform(x, codes)
+    with pytest.raises(ValueError, match="fitted on integer class ids but transform got string"):
+        PSMI(n_estimators=5, seed=0).fit(x, codes).transform(x, y_str)
+    y_one = y_str.copy()
+    y_one[0] = "yak"
+    with pytest.raises(ValueError, match=r"class\(es\) \['yak'\] have fewer than 2 samples"):
+        PSMI(n_estimators=5, seed=0).fit(x, y_one)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_labels_raise(small, bad):
+    """NaN or inf labels are refused as such (not as a non-integer or a nonsense class id)."""
+    x, y, _ = small
+    y_bad = y.astype(np.float64)
+    y_bad[[4, 7]] = bad
+    with pytest.raises(ValueError, match=r"labels must be finite class ids; 2 of 60 .*\[4, 7\]"):
+        PSMI(n_estimators=5, seed=0).fit_transform(x, y_bad)
+    with pytest.raises(ValueError, match="labels must be finite class ids"):
+        PSMI(n_estimators=5, seed=0).fit(x, torch.as_tensor(y_bad))
+
+
+def test_integral_float_labels_work_fractional_raise(small):
+    """Labels 2.0, 5.0 ... give the integer result; 2.5 is refused, showing the value."""
+    x, y, _ = small
+    ref = PSMI(n_estimators=20, seed=5).fit_transform(x, y)
+    out = PSMI(n_estimators=20, seed=5).fit_transform(x, y.astype(np.float64))
+    for a, b in zip(out, ref):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(
+        ValueError,
+        match=r"integer class ids; got 60 non-integer values such as \[2\.5, 5\.5, 9\.5\]",
+    ):
+        PSMI(n_estimators=5, seed=0).fit(x, y + 0.5)
+
+
+def test_n_estimators_validation():
+    """Non-integral floats, None and booleans are refused; ints and 3.0 are accepted."""
+    for bad, shown in ((2.7, r"2\.7"), (None, "None"), (True, "True"), (float("nan"), "nan")):
+        with pytest.raises(ValueError, match=rf"n_estimators={shown}: use a positive integer or"):
+            PSMI(n_estimators=bad)
+    assert PSMI(n_estimators=3.0).n_estimators == 3
+    assert PSMI(n_estimators=np.int64(4)).n_estimators == 4
+    assert PSMI(n_estimators="auto").auto
+    with pytest.raises(ValueError, match=r"min_n_estimators=2\.5: use a positive integer"):
+        PSMI(min_n_estimators=2.5)
+    with pytest.raises(ValueError, match="max_n_estimators=None: use a positive integer"):
+        PSMI(max_n_estimators=None)
+
+
+def test_transform_other_feature_count_raises(small):
+    """transform with another feature count than fit names both counts."""
+    x, y, _ = small
+    est = PSMI(n_estimators=5, seed=0).fit(x, y)
+    with pytest.raises(
+        ValueError, match="features has 4 columns but PSMI was fitted on 5 features"
+    ):
+        est.transform(x[:, :4], y)
+    with pytest.raises(ValueError, match="features has 6 columns but PSMI was fitted on 5"):
+        est.transform(torch.zeros(60, 6, dtype=torch.float64), torch.as_tensor(y))
+
+
+def test_complex_features_raise(small):
+    """Complex features are refused instead of silently losing the imaginary part."""
+    x, y, _ = small
+    with pytest.raises(ValueError, match=r"features are complex \(torch\.complex128\)"):
+        PSMI(n_estimators=5, seed=0).fit_transform(x + 1j * x, y)
+    with pytest.raises(ValueError, match="features are complex"):
+        PSMI(n_estimators=5, seed=0).fit(torch.as_tensor(x).to(torch.complex64), y)
+    est = PSMI(n_estimators=5, seed=0).fit(x, y)
+    with pytest.raises(ValueError, match="features are complex"):
+        est.transform(x.astype(np.complex128), y)
+
+
+def test_variance_floor_must_be_nonnegative(small):
+    """A negative (or NaN) variance_floor is refused; 0 is allowed."""
+    for bad, shown in ((-1e-3, r"-0\.001"), (float("nan"), "nan"), (float("inf"), "inf")):
+        with pytest.raises(ValueError, match=rf"variance_floor={shown}: use a finite number >= 0"):
+            PSMI(variance_floor=bad)
+    x, y, _ = small
+    assert np.isfinite(PSMI(n_estimators=5, seed=0, variance_floor=0).fit_transform(x, y)[0]).all()
+
+
+@pytest.mark.parametrize("n_estimators", [7, "auto"])
+def test_single_class_warns_and_gives_zeros(small, n_estimators):
+    """One class: a warning says PSMI is 0 by construction, and the scores are exactly 0."""
+    x, _, _ = small
+    y = np.full(60, 3)
+    match = "PSMI is 0 by construction when there is one class"
+    with pytest.warns(UserWarning, match=match):
+        mean, std, full = PSMI(n_estimators, min_n_estimators=5, seed=0).fit_transform(x, y)
+    assert mean.shape == std.shape == (60,) and full.shape[0] == 60
+    assert np.all(mean == 0) and np.all(std == 0) and np.all(full == 0)
+    with pytest.warns(UserWarning, match=match):
+        est = PSMI(n_estimators, min_n_estimators=5, seed=0).fit(x, ["a"] * 60)
+    assert np.all(est.transform(x, ["a"] * 60)[0] == 0)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import os
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, Sampler
 
 from ..distributed import world_size
 
-__all__ = ["default_forward", "sequential_loader"]
+__all__ = ["default_forward", "checked_forward", "sequential_loader", "resumed_output_dir"]
 
 
 NON_INPUT_KEYS = ("index", "label", "labels", "y")
@@ -25,6 +26,35 @@ def default_forward(module: LightningModule, batch: Any, skip_keys: Sequence[Any
     if isinstance(batch, (tuple, list)):
         return module(batch[0])
     return module(batch)
+
+
+def checked_forward(
+    fn: Callable[[LightningModule, Any], Any], module: LightningModule, batch: Any, who: str
+) -> Any:
+    """``fn(module, batch)``; a failure says which callback's extra pass could not run the model
+    and what to pass instead (raised at the first training batch, not after an epoch)."""
+    try:
+        return fn(module, batch)
+    except (TypeError, KeyError, IndexError, ValueError, RuntimeError, AttributeError) as err:
+        keys = f" (batch keys: {sorted(map(str, batch))})" if isinstance(batch, dict) else ""
+        raise ValueError(
+            f"{who} runs extra forward passes with {'forward_fn' if fn else 'the default'} "
+            f"forward, which failed on a training batch{keys}: {type(err).__name__}: {err}. Pass "
+            "forward_fn=lambda module, batch: module(...) with the inputs your model takes (dict "
+            "batches are called as module(**batch) without the index / label / concept keys)."
+        ) from err
+
+
+def resumed_output_dir(
+    explicit: Optional[str], current: Optional[str], state: Dict[str, Any]
+) -> Optional[str]:
+    """The folder a resumed run writes to: the checkpoint's run folder when the callback has no
+    explicit ``output_dir`` and that folder still exists, so one run's files stay in one place
+    (the default logger starts a new ``version_k`` on resume)."""
+    saved = state.get("out_dir")
+    if explicit is None and saved and os.path.isdir(saved):
+        return saved
+    return current
 
 
 def sequential_loader(trainer: Trainer, loader: Optional[Any] = None) -> Any:

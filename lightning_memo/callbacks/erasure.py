@@ -14,13 +14,22 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..capture import POOLINGS, LayerSpec, layers_key, pool, resolve_layers
+from ..capture import (
+    POOLINGS,
+    LayerSpec,
+    add_forward_hook,
+    extra_pass,
+    layers_key,
+    pool,
+    recording_allowed,
+    resolve_layers,
+)
 from ..data import Accessor, make_accessor
 from ..distributed import gather_rows, gather_stats, world_size
+from ..io import atomic_torch_save, atomic_write_json, check_writable, resolve_output_dir
 from ..leace import LeaceEraser, LeaceFitter
-from ..logging import atomic_write_json, resolve_output_dir
 from ..probe import probe_accuracy, probe_r2
-from .common import default_forward, sequential_loader
+from .common import checked_forward, default_forward, resumed_output_dir, sequential_loader
 
 __all__ = ["ConceptErasure"]
 
@@ -127,6 +136,7 @@ class ConceptErasure(Callback):
         self._mask: Optional[torch.Tensor] = None
         self.metrics: Dict[str, float] = {}
         self._fitted_at_end = False
+        self._checked = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -139,6 +149,7 @@ class ConceptErasure(Callback):
             "erasers": {k: e.state_dict() for k, e in self.erasers.items()},
             "fitted_epoch": self.fitted_epoch,
             "history": self.history,
+            "out_dir": self.out_dir,
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -147,6 +158,7 @@ class ConceptErasure(Callback):
         }
         self.fitted_epoch = state_dict.get("fitted_epoch")
         self.history = list(state_dict.get("history", []))
+        self.out_dir = resumed_output_dir(self.output_dir, self.out_dir, state_dict)
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs: Any) -> ConceptErasure:
@@ -178,7 +190,7 @@ class ConceptErasure(Callback):
         self.modules = modules
         if not self._handles:
             for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+                self._handles.append(add_forward_hook(module, self._make_hook(name), "modify"))
         return self
 
     def remove(self) -> None:
@@ -191,7 +203,7 @@ class ConceptErasure(Callback):
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             out = self._select(name, output)
             feats, back = _channels_last(out)
-            if name in self._collect and self._z is not None:
+            if name in self._collect and self._z is not None and recording_allowed(self):
                 with torch.no_grad():
                     rows, z = self._fit_rows(name, feats.detach(), self._z, self._mask)
                     fitter = self._collect[name]
@@ -271,7 +283,9 @@ class ConceptErasure(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.modules = resolve_layers(pl_module, self.layers)
-        self.out_dir = resolve_output_dir(trainer, self.output_dir, "erasure")
+        self.out_dir = resolve_output_dir(trainer, self.output_dir, "erasure", self)
+        if stage == "fit":
+            check_writable(trainer, self.out_dir, "ConceptErasure")
 
     def _ensure_installed(self, pl_module: LightningModule) -> None:
         self.install(pl_module)
@@ -307,6 +321,12 @@ class ConceptErasure(Callback):
     ) -> None:
         if self.when == "every_epoch":
             self._z, self._mask = self._read_concept(batch), self._batch_mask(batch)
+        elif self.when == "fit_end" and self.fit_on == "train" and not self._checked:
+            # the fitting pass runs after training: try its forward now, not after the last epoch
+            self._read_concept(batch)
+            with extra_pass(self, pl_module), torch.no_grad():
+                self._forward(pl_module, batch)
+            self._checked = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._z = self._mask = None
@@ -373,9 +393,6 @@ class ConceptErasure(Callback):
         loader = sequential_loader(trainer, None if isinstance(self.fit_on, str) else self.fit_on)
         names = list(self.modules)
         groups = [[n] for n in names] if self.sequential else [names]
-        forward = self.forward_fn or (lambda m, b: default_forward(m, b, [self.concept]))
-        was_training = pl_module.training
-        pl_module.eval()
         self.install(pl_module)
         try:
             for group in groups:
@@ -383,7 +400,7 @@ class ConceptErasure(Callback):
                 self._probe_rows = {}
                 show = self.progress and trainer.is_global_zero
                 desc = f"ConceptErasure: fitting {', '.join(group)}"
-                with torch.no_grad(), trainer.precision_plugin.forward_context():
+                with extra_pass(self, pl_module), torch.no_grad():
                     for i, batch in enumerate(
                         tqdm(loader, desc=desc, leave=False, disable=not show)
                     ):
@@ -392,13 +409,18 @@ class ConceptErasure(Callback):
                         self._z = self._read_concept(batch)
                         batch = trainer.strategy.batch_to_device(batch)
                         self._mask = self._batch_mask(batch)
-                        forward(pl_module, batch)
+                        with trainer.precision_plugin.forward_context():
+                            self._forward(pl_module, batch)
                 fitters, self._collect = self._collect, {}
                 self._z = self._mask = None
                 self._finish(trainer, pl_module, fitters, pl_log)
         finally:
             self._collect, self._z, self._mask = {}, None, None
-            pl_module.train(was_training)
+
+    def _forward(self, pl_module: LightningModule, batch: Any) -> Any:
+        """A fitting pass's forward (``forward_fn`` or ``module(inputs)``), with a clear error."""
+        fn = self.forward_fn or (lambda m, b: default_forward(m, b, [self.concept]))
+        return checked_forward(fn, pl_module, batch, "ConceptErasure")
 
     def _merge_ranks(
         self, trainer: Trainer, fitter: Optional[LeaceFitter]
@@ -527,17 +549,13 @@ class ConceptErasure(Callback):
                 lg.log_metrics(metrics, step=trainer.global_step)
 
     def _save(self) -> None:
-        os.makedirs(self.out_dir, exist_ok=True)
-        path = os.path.join(self.out_dir, "erasers.pt")
-        tmp = path + ".tmp"
-        torch.save(
+        atomic_torch_save(
             {
                 k: {n: (None if t is None else t.cpu()) for n, t in e.state_dict().items()}
                 for k, e in self.erasers.items()
             },
-            tmp,
+            os.path.join(self.out_dir, "erasers.pt"),
         )
-        os.replace(tmp, path)
         atomic_write_json(os.path.join(self.out_dir, "history.json"), self.history)
         atomic_write_json(os.path.join(self.out_dir, "config.json"), self._config())
 

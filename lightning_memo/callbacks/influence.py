@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..capture import resolve_layers
+from ..capture import extra_pass, resolve_layers
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, world_size
 from ..influence.features import GradientFeaturizer
@@ -25,7 +25,7 @@ from ..influence.grads import SUPPORTED_LAYERS
 from ..influence.methods import KFACInfluence, param_checksum, query_matrix, train_pass
 from ..influence.registry import HESSIAN_METHODS, METHODS, make_method
 from ..influence.tracin import top_k as top_k_of
-from ..logging import resolve_output_dir
+from ..io import atomic_torch_save, check_writable, resolve_output_dir
 from .common import RankShard, sequential_loader
 from .tracin import module_per_sample_loss
 
@@ -140,7 +140,9 @@ class InfluenceAnalysis(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.out_dir = resolve_output_dir(trainer, self.output_dir, "influence")  # all ranks
+        self.out_dir = resolve_output_dir(trainer, self.output_dir, "influence", self)  # all ranks
+        if stage == "fit" and self.run_on_fit_end:  # fail now, not after training
+            check_writable(trainer, self.out_dir, "InfluenceAnalysis")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.run_on_fit_end:
@@ -176,7 +178,7 @@ class InfluenceAnalysis(Callback):
             )
         n = len(ds)
         modules = self._modules(model)
-        feats = GradientFeaturizer(modules, projection_dim=None, factored=False)
+        feats = GradientFeaturizer(modules, projection_dim=None, factored=False, owner=self)
         loss = self.loss_fn or module_per_sample_loss
         show = self.progress and trainer.is_global_zero
 
@@ -194,9 +196,7 @@ class InfluenceAnalysis(Callback):
 
         config = self._config(modules, feats, n)
         self._uses_gradients = True
-        was_training = model.training
-        model.eval()
-        try:
+        with extra_pass(self, model):
             est = self._fit(trainer, model, modules, feats, loss, train, config, bar)
             est.check_model(feats.params)
             self.estimator = est
@@ -227,8 +227,6 @@ class InfluenceAnalysis(Callback):
             self.self_influence = cached["self_influence"]
             self.hinv_norm = cached["hinv_norm"]
             self.scores = cached.get("scores")
-        finally:
-            model.train(was_training)
         self.labels = self._labels(train, n)
         if trainer.is_global_zero:
             self._write(trainer, config, train, queries)
@@ -329,9 +327,7 @@ class InfluenceAnalysis(Callback):
                 }
         est.fit(model, feats.params, loss, device_data, **kw)
         if trainer.is_global_zero and est.cacheable:
-            os.makedirs(self.out_dir, exist_ok=True)
-            torch.save({"config": config, "state": est.state_dict()}, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            atomic_torch_save({"config": config, "state": est.state_dict()}, path)
         return est
 
     def _default_output(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -393,11 +389,8 @@ class InfluenceAnalysis(Callback):
     ) -> None:
         if not trainer.is_global_zero:
             return
-        path = os.path.join(self.out_dir, "scores.pt")
-        os.makedirs(self.out_dir, exist_ok=True)
         saved = {"config": config, "queries": self._query_key(q_rows), "results": results}
-        torch.save(saved, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_torch_save(saved, os.path.join(self.out_dir, "scores.pt"))
 
     def _labels(self, train: Any, n: int) -> torch.Tensor:
         labels = torch.full((n,), -1, dtype=torch.long)
@@ -438,9 +431,8 @@ class InfluenceAnalysis(Callback):
         full = DataLoader(tr.dataset, batch_size=tr.batch_size or 64, collate_fn=tr.collate_fn)
         n = c["n"]
         model = c["model"]
-        was_training = model.training
-        model.eval()
-        try:
+        self._check_unchanged()
+        with extra_pass(self, model):
             out = group_influence(
                 self.estimator,
                 c["grad_fn"],
@@ -457,14 +449,25 @@ class InfluenceAnalysis(Callback):
                 query_curvature=query_curvature,
                 allow_overlap=allow_overlap,
             )
-        finally:
-            model.train(was_training)
         return out
+
+    def _check_unchanged(self) -> None:
+        """Refuse to use fitted state (curvature, scores) once the model's weights changed."""
+        if self._ctx is None or self.estimator is None:
+            return
+        try:
+            self.estimator.check_model(self._ctx["params"])
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{err} InfluenceAnalysis: call run(trainer, model) again to refit the curvature "
+                "and rescore before group_influence / top_k_for."
+            ) from None
 
     def top_k_for(self, query_index: int, k: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Proponents and opponents (training indices and scores) of one query."""
         if self.scores is None:
             raise ValueError("No scores: run the analysis with a query loader (queries=).")
+        self._check_unchanged()
         row = self.scores[query_index]
         pro, opp = top_k_of(row, k or self.top_k)
         return {

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..influence.tracin import top_k as top_k_of
-from ..logging import (
+from ..io import (
     as_image,
     atomic_write_csv,
     atomic_write_json,

@@ -16,19 +16,30 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import IterableDataset
 
-from ..capture import FeatureCapture, LayerSpec, Pooling, check_pooling, layers_key
+from ..capture import (
+    FeatureCapture,
+    LayerSpec,
+    Pooling,
+    add_forward_hook,
+    check_pooling,
+    extra_pass,
+    layers_key,
+    recording_allowed,
+)
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, world_size
-from ..logging import (
+from ..io import (
     as_image,
     atomic_write_csv,
     atomic_write_json,
+    check_writable,
+    clear_files,
     image_grid,
     resolve_output_dir,
     tensorboard_writer,
 )
 from ..psmi import PSMI
-from .common import default_forward, sequential_loader
+from .common import checked_forward, default_forward, resumed_output_dir, sequential_loader
 
 __all__ = ["MemorizationMonitor"]
 
@@ -113,6 +124,11 @@ class MemorizationMonitor(Callback):
             raise ValueError("on_flag must be a callable taking the newly flagged indices.")
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r}: use a positive integer or None.")
+        if not isinstance(feature_dtype, torch.dtype) or not feature_dtype.is_floating_point:
+            raise ValueError(
+                f"feature_dtype={feature_dtype!r}: use a floating torch dtype (torch.float32, "
+                "torch.float64, torch.float16 or torch.bfloat16)."
+            )
         self.layers = layers
         self.every_n_epochs = every_n_epochs
         self.source = source
@@ -154,7 +170,8 @@ class MemorizationMonitor(Callback):
         self.capture: Optional[FeatureCapture] = None
         self.out_dir: Optional[str] = None
         self._pending_state: Optional[Dict[str, Any]] = None
-        self._labels: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None  # (N,) class ids (any integers)
+        self._label_seen: Optional[torch.Tensor] = None  # (N,) bool: label read at least once
         self._loss: Optional[torch.Tensor] = None
         self._margin: Optional[torch.Tensor] = None
         self._logit_handle: Any = None
@@ -186,11 +203,13 @@ class MemorizationMonitor(Callback):
             "below_count": self.below_count,
             "flagged_epoch": self.flagged_epoch,
             "seed": self.seed,
+            "out_dir": self.out_dir,
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self._pending_state = dict(state_dict)
+        self.out_dir = resumed_output_dir(self.output_dir, self.out_dir, state_dict)
         if state_dict.get("seed", self.seed) != self.seed:
             rank_zero_warn(
                 f"MemorizationMonitor: the checkpoint was written with seed={state_dict['seed']} "
@@ -202,14 +221,15 @@ class MemorizationMonitor(Callback):
         if stage != "fit":
             return
         self.capture = FeatureCapture(
-            pl_module, self.layers, self.pooling, dtype=self.feature_dtype
+            pl_module, self.layers, self.pooling, dtype=self.feature_dtype, owner=self
         )
         names = self.capture.names
         if self.flag_layer is not None and self.flag_layer not in names:
             raise ValueError(
                 f"flag_layer={self.flag_layer!r} is not one of the monitored layers {names}."
             )
-        self.out_dir = resolve_output_dir(trainer, self.output_dir, "memorization")
+        self.out_dir = resolve_output_dir(trainer, self.output_dir, "memorization", self)
+        check_writable(trainer, self.out_dir, "MemorizationMonitor")
 
     def _flag_layer(self) -> str:
         return self.flag_layer or self.capture.names[-1]
@@ -219,7 +239,10 @@ class MemorizationMonitor(Callback):
         self._device = pl_module.device
         self._first_epoch = trainer.current_epoch
         self.capture.allocate(n)
-        self._labels = torch.full((n,), -1, dtype=torch.long)
+        self._labels = torch.zeros(n, dtype=torch.long)
+        self._label_seen = torch.zeros(n, dtype=torch.bool)
+        self._checked = False
+        resumed = self._pending_state is not None
         self._loss = torch.full((n,), float("nan"), dtype=torch.float64)
         self._margin = torch.full((n,), float("nan"), dtype=torch.float64)
         self.below_count = torch.zeros(n, dtype=torch.long)
@@ -240,8 +263,10 @@ class MemorizationMonitor(Callback):
             self._pending_state = None
         if self.source == "train":
             self.capture.attach()
-            self._logit_handle = pl_module.register_forward_hook(self._logit_hook)
+            self._logit_handle = add_forward_hook(pl_module, self._logit_hook, "observe")
         if trainer.is_global_zero:
+            if not resumed:  # a new run into this folder: no epoch file of an earlier run stays
+                clear_files(self.out_dir, r"epoch_\d+\.csv|flagged\.csv|history\.json")
             atomic_write_json(os.path.join(self.out_dir, "config.json"), self._config(n))
 
     def _dataset_size(self, trainer: Trainer) -> int:
@@ -300,6 +325,7 @@ class MemorizationMonitor(Callback):
             )
         mask = batch.get(self.mask_key) if isinstance(batch, dict) and self.mask_key else None
         self._labels[idx.cpu()] = lab.cpu()
+        self._label_seen[idx.cpu()] = True
         return idx, lab, mask
 
     def on_train_batch_start(
@@ -308,6 +334,8 @@ class MemorizationMonitor(Callback):
         if self.source == "eval":
             if not self._checked:  # fail at the first batch, not at the end of the epoch
                 self._read_batch(trainer, batch)
+                with extra_pass(self, pl_module), torch.no_grad():
+                    self._forward(pl_module, batch)
                 self._checked = True
             return
         idx, lab, mask = self._read_batch(trainer, batch)
@@ -321,7 +349,7 @@ class MemorizationMonitor(Callback):
         self._armed_batch = None
 
     def _logit_hook(self, module: Any, inputs: Any, output: Any) -> None:
-        if self._armed_batch is not None:
+        if self._armed_batch is not None and recording_allowed(self):
             self._record_baselines(self._armed_batch[0], self._armed_batch[1], output)
 
     def _record_baselines(self, idx: torch.Tensor, lab: torch.Tensor, output: Any) -> None:
@@ -348,31 +376,34 @@ class MemorizationMonitor(Callback):
             self._margin[cpu_idx] = both[:, 1]
 
     def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """No-grad pass over the training set in eval mode, recording features and baselines."""
+        """No-grad pass over the training set in eval mode, recording features and baselines;
+        invisible to the other callbacks, every module's own train/eval mode restored after."""
         from tqdm.auto import tqdm
 
-        skip = [self.index_key, self.label_key]
-        forward = self.forward_fn or (lambda m, b: default_forward(m, b, skip))
-        was_training = pl_module.training
-        pl_module.eval()
+        show = self.progress and trainer.is_global_zero
+        loader = sequential_loader(trainer)
+        bar = tqdm(loader, desc="MemorizationMonitor: eval pass", leave=False, disable=not show)
         self.capture.attach()
         try:
-            show = self.progress and trainer.is_global_zero
-            loader = sequential_loader(trainer)
-            bar = tqdm(loader, desc="MemorizationMonitor: eval pass", leave=False, disable=not show)
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                for batch in bar:
-                    idx, lab, mask = self._read_batch(trainer, batch)
-                    batch = trainer.strategy.batch_to_device(batch)
-                    if mask is not None:
-                        mask = batch[self.mask_key]
-                    self.capture.arm(idx, mask)
-                    out = forward(pl_module, batch)
-                    self.capture.disarm()
-                    self._record_baselines(idx, lab, out)
+            with extra_pass(self, pl_module), torch.no_grad():
+                with trainer.precision_plugin.forward_context():
+                    for batch in bar:
+                        idx, lab, mask = self._read_batch(trainer, batch)
+                        batch = trainer.strategy.batch_to_device(batch)
+                        if mask is not None:
+                            mask = batch[self.mask_key]
+                        self.capture.arm(idx, mask)
+                        out = self._forward(pl_module, batch)
+                        self.capture.disarm()
+                        self._record_baselines(idx, lab, out)
         finally:
             self.capture.remove()
-            pl_module.train(was_training)
+
+    def _forward(self, pl_module: LightningModule, batch: Any) -> Any:
+        """The eval pass's forward (``forward_fn`` or ``module(inputs)``), with a clear error."""
+        skip = [self.index_key, self.label_key]
+        fn = self.forward_fn or (lambda m, b: default_forward(m, b, skip))
+        return checked_forward(fn, pl_module, batch, "MemorizationMonitor (source='eval')")
 
     # ------------------------------------------------------------------ scoring
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -382,13 +413,14 @@ class MemorizationMonitor(Callback):
         if self.source == "eval":
             self.capture.reset()
             self._eval_pass(trainer, pl_module)
-        labels, loss, margin = self._gather_meta(trainer)
+        labels, known, loss, margin = self._gather_meta(trainer)
+        self._warn_repeated(trainer, epoch)
         scores: Dict[str, np.ndarray] = {}
         stds: Dict[str, np.ndarray] = {}
         summary: Dict[str, Any] = {"epoch": epoch, "layers": {}}
         for li, name in enumerate(self.capture.names):
             feats, seen = self._gather_features(trainer, name)
-            mean, std, info = self._score_layer(feats, seen, labels, epoch, li, name)
+            mean, std, info = self._score_layer(feats, seen & known, labels, epoch, li, name)
             scores[name], stds[name] = mean, std
             summary["layers"][name] = info
         new = self._update_flags(scores[self._flag_layer()], epoch)
@@ -398,7 +430,7 @@ class MemorizationMonitor(Callback):
         self.scores[epoch] = scores
         self._log(trainer, pl_module, epoch, scores, labels, summary)
         if trainer.is_global_zero:
-            self._write_files(epoch, scores, stds, labels, loss, margin)
+            self._write_files(epoch, scores, stds, labels, known, loss, margin)
         if len(new):
             self._warn_flagged(new, epoch)
             if self.on_flag is not None:
@@ -410,18 +442,26 @@ class MemorizationMonitor(Callback):
                 trainer.strategy.barrier("memorization_stop")  # rank 0 has written its files
 
     def _gather_meta(self, trainer: Trainer) -> tuple:
-        """Labels (N,) int64 (-1: unseen), loss and margin (N,) float64 (NaN: unknown)."""
-        seen = self._labels >= 0
-        idx = torch.nonzero(seen).flatten()
+        """Labels (N,) int64 with ``known`` (N,) bool (label read on some rank), loss and margin
+        (N,) float64 (NaN: not measured this epoch).
+
+        Every rank sends the rows it has a label for; a finite loss / margin always wins over a
+        NaN one, whatever the rank order (a rank may know a sample's label from an earlier epoch
+        without having measured it in this one).
+        """
+        idx = torch.nonzero(self._label_seen).flatten()
         vals = torch.stack([self._labels[idx].double(), self._loss[idx], self._margin[idx]], dim=1)
         idx, vals = gather_rows(trainer.strategy, idx, vals)
-        labels = torch.full_like(self._labels, -1)
+        labels = torch.zeros_like(self._labels)
+        known = torch.zeros_like(self._label_seen)
         loss = torch.full_like(self._loss, float("nan"))
         margin = torch.full_like(self._margin, float("nan"))
         labels[idx] = vals[:, 0].long()
-        loss[idx] = vals[:, 1]
-        margin[idx] = vals[:, 2]
-        return labels, loss, margin
+        known[idx] = True
+        ok = torch.isfinite(vals[:, 1])
+        loss[idx[ok]] = vals[ok, 1]
+        margin[idx[ok]] = vals[ok, 2]
+        return labels, known, loss, margin
 
     def _gather_features(self, trainer: Trainer, name: str) -> tuple:
         idx, feats = self.capture.rows(name)
@@ -451,7 +491,7 @@ class MemorizationMonitor(Callback):
         n = feats.shape[0]
         mean = np.full(n, np.nan)
         std = np.full(n, np.nan)
-        ok = seen & (labels >= 0)
+        ok = seen.clone()
         missing = int((~ok).sum())
         finite = torch.isfinite(feats).all(dim=1)
         nonfinite = int((ok & ~finite).sum())
@@ -460,6 +500,13 @@ class MemorizationMonitor(Callback):
         lonely = cls[cnt < 2].tolist()
         if lonely:
             ok &= ~torch.isin(labels, cls[cnt < 2])
+        if int((cnt >= 2).sum()) == 1:
+            self._warn_once(
+                f"one-class-{name}",
+                f"MemorizationMonitor: every scored sample at layer {name!r} has the same label "
+                f"({int(cls[cnt >= 2][0])}); PSMI is 0 by construction with one class, so the "
+                "early warning cannot fire. Check label_key= (it must read the class labels).",
+            )
         info = {
             "n_scored": int(ok.sum()),
             "n_missing": missing,
@@ -524,6 +571,20 @@ class MemorizationMonitor(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(msg)
+
+    def _warn_repeated(self, trainer: Trainer, epoch: int) -> None:
+        """Say so when one index was recorded twice in an epoch (single process; under DDP the
+        sampler's padding repeats samples on purpose)."""
+        if world_size(trainer.strategy) > 1 or not self.capture.repeated:
+            return
+        name, idx = next(iter(self.capture.repeated.items()))
+        rank_zero_warn(
+            f"MemorizationMonitor: sample indices {sorted(set(idx))[:10]} were read from more "
+            f"than one batch in epoch {epoch} at layer {name!r}; the later batch overwrote the "
+            "earlier one's features, and the samples whose index was taken are missing. Each "
+            "sample needs its own index in [0, N): wrap the dataset with IndexedDataset (or "
+            "fix index_key=)."
+        )
 
     def _warn_flagged(self, new: np.ndarray, epoch: int) -> None:
         first = ", ".join(str(i) for i in new[:10])
@@ -614,6 +675,7 @@ class MemorizationMonitor(Callback):
         scores: Dict[str, np.ndarray],
         stds: Dict[str, np.ndarray],
         labels: torch.Tensor,
+        known: torch.Tensor,
         loss: torch.Tensor,
         margin: torch.Tensor,
     ) -> None:
@@ -628,7 +690,7 @@ class MemorizationMonitor(Callback):
         if has_base:
             header += ["loss", "margin"]
         header.append("flagged")
-        keep = np.nonzero(any_scored | (labels >= 0).numpy())[0]
+        keep = np.nonzero(any_scored | known.numpy())[0]
         cols = [keep.tolist(), labels.numpy()[keep].tolist()]  # columns, then rows: no per-cell
         for name in names:  # tensor indexing (that made this loop the slow part of an epoch)
             cols += [scores[name][keep].tolist(), stds[name][keep].tolist()]

@@ -18,21 +18,23 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..capture import layers_key, resolve_layers
+from ..capture import extra_pass, layers_key, resolve_layers
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, gather_stats, world_size
 from ..influence.features import GradientFeaturizer
 from ..influence.grads import select_parameters
 from ..influence.tracin import GradientStore, top_k, tracin_scores, tracin_self_influence
-from ..logging import (
+from ..io import (
     as_image,
+    atomic_torch_save,
     atomic_write_csv,
     atomic_write_json,
+    check_writable,
     image_grid,
     resolve_output_dir,
     tensorboard_writer,
 )
-from .common import sequential_loader
+from .common import resumed_output_dir, sequential_loader
 
 __all__ = ["TracIn", "module_per_sample_loss"]
 
@@ -143,7 +145,8 @@ class TracIn(Callback):
         self.query_grads: List[torch.Tensor] = []
         self._online_self: Optional[torch.Tensor] = None
         self._online_scores: Optional[torch.Tensor] = None
-        self._labels: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None  # (N,) int64, meaningful where _labels_seen
+        self._labels_seen: Optional[torch.Tensor] = None  # (N,) bool
         # run-time
         self.features: Optional[GradientFeaturizer] = None
         self.out_dir: Optional[str] = None
@@ -168,11 +171,14 @@ class TracIn(Callback):
             "online_self": self._online_self,
             "online_scores": self._online_scores,
             "labels": self._labels,
+            "labels_seen": self._labels_seen,
             "seed": self.seed,
+            "out_dir": self.out_dir,
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._pending = dict(state_dict)
+        self.out_dir = resumed_output_dir(self.output_dir, self.out_dir, state_dict)
 
     def _restore(self) -> None:
         st, self._pending = self._pending, None
@@ -194,7 +200,7 @@ class TracIn(Callback):
                 )
             self.store = store
         self.query_grads = list(st.get("query_grads", []))
-        for key in ("online_self", "online_scores", "labels"):
+        for key in ("online_self", "online_scores", "labels", "labels_seen"):
             val = st.get(key)
             if val is not None:
                 setattr(self, f"_{key}", val.clone())
@@ -222,7 +228,9 @@ class TracIn(Callback):
                 )
         else:
             modules = resolve_layers(pl_module, self.layers)
-        self.features = GradientFeaturizer(modules, self.projection_dim, self.seed, params=params)
+        self.features = GradientFeaturizer(
+            modules, self.projection_dim, self.seed, params=params, owner=self
+        )
         if self.mode == "online" and not self.features.linear:
             raise ValueError(
                 "mode='online' reads the training step's gradients of whole nn.Linear layers; "
@@ -230,7 +238,8 @@ class TracIn(Callback):
                 f"{[type(m).__name__ for m in modules.values()]}. Use mode='checkpoints' for "
                 "other layers or single parameters."
             )
-        self.out_dir = resolve_output_dir(trainer, self.output_dir, "tracin")
+        self.out_dir = resolve_output_dir(trainer, self.output_dir, "tracin", self)
+        check_writable(trainer, self.out_dir, "TracIn")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         ds = getattr(trainer.train_dataloader, "dataset", None)
@@ -247,7 +256,10 @@ class TracIn(Callback):
                 n, self.features.dim, self.store_dtype, path, self.features.layout
             )
         if self._labels is None:
-            self._labels = torch.full((n,), -1, dtype=torch.long)
+            self._labels = torch.zeros(n, dtype=torch.long)
+            self._labels_seen = torch.zeros(n, dtype=torch.bool)
+        if self._labels_seen is None:  # older checkpoints: -1 meant "no label"
+            self._labels_seen = self._labels != -1
         if self.mode == "online":
             if trainer.accumulate_grad_batches != 1:
                 raise ValueError(
@@ -284,6 +296,7 @@ class TracIn(Callback):
         idx = get_indices(batch, self._get_index, self.store.num_samples, check_duplicates=check)
         try:  # labels only annotate the result files; a loss_fn may not need them
             self._labels[idx.cpu()] = get_labels(batch, self._get_label).cpu()
+            self._labels_seen[idx.cpu()] = True
         except ValueError:
             pass
         if self.mode == "online":
@@ -351,23 +364,17 @@ class TracIn(Callback):
 
         idxs, feats = [], []
         show = self.progress and trainer.is_global_zero
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with extra_pass(self, pl_module):
             for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
                 idxs.append(get_indices(batch, self._get_index, None, check_duplicates=False))
                 batch = trainer.strategy.batch_to_device(batch)
                 feats.append(self.features(pl_module, batch, self._loss()).detach())
-        finally:
-            pl_module.train(was_training)
         return torch.cat(idxs), torch.cat(feats)
 
     def _query_features(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
         """Query features (n_query, k) at the current weights, in the query loader's order."""
         feats = []
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with extra_pass(self, pl_module):  # inside a training step: other callbacks see nothing
             for batch in self.queries:
                 try:
                     get_labels(batch, self._get_label)
@@ -375,8 +382,6 @@ class TracIn(Callback):
                     raise ValueError(f"The query loader has no labels: {err}") from None
                 batch = trainer.strategy.batch_to_device(batch)
                 feats.append(self.features(pl_module, batch, self._loss()).detach())
-        finally:
-            pl_module.train(was_training)
         return torch.cat(feats)
 
     def _checkpoint(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -423,11 +428,13 @@ class TracIn(Callback):
             rank_zero_warn("TracIn recorded no checkpoint (check every_n_epochs / every_n_steps).")
             return
         if world_size(trainer.strategy) > 1:  # each rank saw the labels of its own batches only
-            merged = None
-            for part in gather_stats(trainer.strategy, {"labels": self._labels}):
-                lab = part["labels"].cpu()
-                merged = lab if merged is None else torch.where(lab != -1, lab, merged)
-            self._labels = merged
+            merged, seen = self._labels.clone(), self._labels_seen.clone()
+            parts = {"labels": self._labels, "seen": self._labels_seen.long()}
+            for part in gather_stats(trainer.strategy, parts):
+                has = part["seen"].cpu().bool()
+                merged = torch.where(has, part["labels"].cpu(), merged)
+                seen |= has
+            self._labels, self._labels_seen = merged, seen
         if trainer.is_global_zero:
             self._write(trainer)
 
@@ -437,10 +444,12 @@ class TracIn(Callback):
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         labels = self._labels.numpy()
+        seen = self._labels_seen.numpy()
+        lab = [int(v) if k else "" for v, k in zip(labels.tolist(), seen.tolist())]
         atomic_write_csv(
             os.path.join(self.out_dir, "self_influence.csv"),
             ["index", "label", "self_influence", "rank"],
-            [[i, int(labels[i]), float(si[i]), int(rank[i])] for i in range(len(si))],
+            [[i, lab[i], float(si[i]), int(rank[i])] for i in range(len(si))],
         )
         if self.queries is not None and self.top_k:
             rows = []
@@ -456,7 +465,7 @@ class TracIn(Callback):
             )
         if self.mode == "checkpoints":
             path = os.path.join(self.out_dir, "store.pt")
-            torch.save(
+            atomic_torch_save(
                 {
                     "state": self.store.state_ref(),
                     "query_grads": self.query_grads,
@@ -464,9 +473,8 @@ class TracIn(Callback):
                     "seed": self.seed,
                     "layers": list(self.features.modules),
                 },
-                path + ".tmp",
+                path,
             )
-            os.replace(path + ".tmp", path)
         atomic_write_json(
             os.path.join(self.out_dir, "config.json"),
             {

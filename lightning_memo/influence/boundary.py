@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
+from ..capture import eval_mode
 from ..data import make_accessor
 from .methods import InfluenceMethod, LossFn
 
@@ -337,9 +338,7 @@ class BoundaryInfluence(InfluenceMethod):
                 "BoundaryInfluence has no model: call fit(model, ...) or bind(model) first."
             )
         x = self._inputs(batch)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):  # each module's own train/eval flag restored
             res = deepfool(
                 self._logits,
                 x,
@@ -349,8 +348,6 @@ class BoundaryInfluence(InfluenceMethod):
                 self.num_classes,
                 self.line_search,
             )
-        finally:
-            self.model.train(was_training)
         flat = torch.isinf(res["distance"])
         conv = res["converged"] | flat
         self.last_converged = res["converged"].cpu()

@@ -48,6 +48,7 @@ class GradientFeaturizer:
             ``(d_in + 1) * d_out``; inner products via :func:`~lightning_memo.influence.row_dot`).
             Needs inputs without a sequence dimension; ``False`` flattens ``g a^T`` instead.
         hooks: ``False`` forces the ``torch.func`` path even for Linear / Conv2d layers.
+        owner: the callback using the features (its hooks ignore other callbacks' extra passes).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class GradientFeaturizer:
         params: Optional[Dict[str, nn.Parameter]] = None,
         factored: bool = True,
         hooks: bool = True,
+        owner: Optional[object] = None,
     ) -> None:
         self.modules = modules
         self.linear = hooks and all(_hook_layer(m) for m in modules.values())
@@ -111,7 +113,7 @@ class GradientFeaturizer:
                 self.projectors["_dense"] = DenseProjector(
                     total, projection_dim, seed, kind or "gaussian"
                 )
-        self.capture = LinearGradCapture(modules) if self.linear else None
+        self.capture = LinearGradCapture(modules, owner) if self.linear else None
         self.lr_scale: Dict[str, float] = {}
         self.layout: Optional[List[Tuple[int, int]]] = None
         if (

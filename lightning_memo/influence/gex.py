@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Unio
 import torch
 from torch import nn
 
+from ..capture import eval_mode
 from .grads import _LossModule
 from .methods import InfluenceMethod, LossFn
 
@@ -205,9 +206,7 @@ class GeometricEnsembleInfluence(InfluenceMethod):
         steps: Iterable[int] = range(self.num_ens * self.ft_step)
         ticks = iter(progress(steps)) if progress is not None else None
         members: List[Dict[str, torch.Tensor]] = []
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):  # each module's own train/eval flag restored
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed)
                 stream = _batch_stream(batches, self.shuffle_buffer, gen)
@@ -217,8 +216,6 @@ class GeometricEnsembleInfluence(InfluenceMethod):
                         theta = self.trained
                     theta = self._cycle(wrapper, theta, stream, lrs, e, ticks)
                     members.append(theta)
-        finally:
-            model.train(was_training)
         if ticks is not None:
             for _ in ticks:  # close the progress bar
                 pass
@@ -266,14 +263,10 @@ class GeometricEnsembleInfluence(InfluenceMethod):
                 "load_state_dict, call bind(model, loss_fn))."
             )
         wrapper = _LossModule(self.model, self.loss_fn)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):  # each module's own train/eval flag restored
             with torch.no_grad():
                 ref = self._losses(wrapper, self.trained, batch).double()
                 cols = [self._losses(wrapper, m, batch).double() for m in self.members]
-        finally:
-            self.model.train(was_training)
         losses = torch.stack(cols, dim=1)
         bad = ~torch.isfinite(losses).all(dim=1) | ~torch.isfinite(ref)
         if bool(bad.any()):

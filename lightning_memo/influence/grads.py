@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ..capture import add_forward_hook, recording_allowed
+
 __all__ = [
     "select_parameters",
     "per_sample_grads",
@@ -249,13 +251,20 @@ class LinearGradCapture:
     is the raw layer output (Conv2d: (B, C_out, H, W)); a gradient taken w.r.t. it with
     ``torch.autograd.grad`` is turned into rows by :func:`layer_output_grad_rows`.
 
+    Its hooks run before any hook that replaces a layer output (e.g. concept erasure), so ``g`` is
+    the gradient at the layer's own output and ``g a^T`` the true weight gradient of the model as it
+    runs (see :func:`lightning_memo.capture.add_forward_hook`).
+
     Args:
         modules: ``{name: nn.Linear | nn.Conv2d}``.
+        owner: the callback recording (other callbacks' extra passes are ignored); ``None``
+            records every pass.
     """
 
-    def __init__(self, modules: Dict[str, nn.Module]) -> None:
+    def __init__(self, modules: Dict[str, nn.Module], owner: Optional[object] = None) -> None:
         check_supported_layers(modules)
         self.modules = modules
+        self.owner = owner
         self.inputs: Dict[str, torch.Tensor] = {}
         self.outputs: Dict[str, torch.Tensor] = {}
         self.grads: Dict[str, torch.Tensor] = {}
@@ -265,7 +274,7 @@ class LinearGradCapture:
     def attach(self) -> LinearGradCapture:
         if not self._handles:
             for name, mod in self.modules.items():
-                self._handles.append(mod.register_forward_hook(self._hook(name)))
+                self._handles.append(add_forward_hook(mod, self._hook(name), "grad"))
         return self
 
     def remove(self) -> None:
@@ -288,6 +297,8 @@ class LinearGradCapture:
     def _hook(self, name: str) -> Callable:
         def hook(mod: nn.Module, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
             if not self.active or not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            if not recording_allowed(self.owner):
                 return
             with torch.no_grad():
                 self.inputs[name] = layer_input_rows(mod, inputs[0].detach())

@@ -79,6 +79,11 @@ class InfluenceMethod:
 
     def __init__(self, damping: Optional[float] = None) -> None:
         if damping is not None:
+            if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+                raise ValueError(
+                    f"damping={damping!r}: use a positive number (e.g. 1e-3), or None for the "
+                    "automatic damping (0.1 x the mean eigenvalue of the curvature)."
+                )
             _check_damping(float(damping))
         self.damping = None if damping is None else float(damping)
         self.checksum: Optional[str] = None

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from lightning_memo.logging import (
+from lightning_memo.io import (
     as_image,
     atomic_write_csv,
     atomic_write_json,
