@@ -125,10 +125,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def extra_pass(owner: object, model: nn.Module) -> Iterator[nn.Module]:
-    """An extra pass of one callback: eval mode (modes restored per module) and invisible to
-    the other callbacks' recorders (:func:`exclusive_pass`)."""
-    with exclusive_pass(owner), eval_mode(model):
-        yield model
+    """An extra pass of one callback: eval mode (modes restored per module), invisible to the
+    other callbacks' recorders (:func:`exclusive_pass`), and neutral for the global CPU RNG
+    (iterating a DataLoader draws its base seed from it, which would change the next epoch's
+    shuffle), so training is the same with and without the callback."""
+    rng = torch.get_rng_state()
+    try:
+        with exclusive_pass(owner), eval_mode(model):
+            yield model
+    finally:
+        torch.set_rng_state(rng)
 
 
 POOLINGS = ("mean", "last", "first", "flatten")
