@@ -117,7 +117,7 @@ from _common import (  # noqa: E402
 )
 
 from lightning_memo import IndexedDataset, TracIn  # noqa: E402
-from lightning_memo.callbacks.tracin import module_per_sample_loss  # noqa: E402
+from lightning_memo.callbacks.common import module_per_sample_loss  # noqa: E402
 from lightning_memo.influence import (  # noqa: E402
     GradientStore,
     random_matrix,

@@ -30,7 +30,7 @@ from .callbacks.tracin import MODES, TracIn
 from .data import IndexedDataset, load_digits_flipped
 from .demo import DigitsMLP, _auroc, fit_demo
 from .demo_erasure import _quiet_single_thread
-from .io import as_image, image_grid
+from .viz import as_image, image_grid
 
 __all__ = ["run_tracin_demo", "proponents_figure"]
 

@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from lightning_memo.io import (
-    as_image,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
-    image_grid,
-    render_text,
     resolve_output_dir,
 )
+from lightning_memo.viz import as_image, image_grid, render_text
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
-from torch.utils.data import DataLoader, Sampler
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from ..distributed import world_size
 
-__all__ = ["default_forward", "checked_forward", "sequential_loader", "resumed_output_dir"]
+__all__ = [
+    "default_forward",
+    "checked_forward",
+    "sequential_loader",
+    "resumed_output_dir",
+    "module_per_sample_loss",
+    "default_layers",
+    "dataset_size",
+]
 
 
 NON_INPUT_KEYS = ("index", "label", "labels", "y")
@@ -93,3 +103,49 @@ class RankShard(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world))
+
+
+def module_per_sample_loss(module: Any, batch: Any) -> torch.Tensor:
+    """Default loss: ``module.per_sample_loss(batch)`` -> (B,)."""
+    fn = getattr(module, "per_sample_loss", None)
+    if fn is None:
+        raise ValueError(
+            f"{type(module).__name__} has no `per_sample_loss(self, batch)`; TracIn and "
+            "InfluenceAnalysis need one loss per sample. Add for example:\n"
+            "    def per_sample_loss(self, batch):\n"
+            "        x, y = batch[0], batch[1]\n"
+            "        return F.cross_entropy(self(x), y, reduction='none')\n"
+            "or pass loss_fn=lambda module, batch: ... to the callback."
+        )
+    return fn(batch)
+
+
+def default_layers(model: nn.Module, kinds: Tuple[type, ...]) -> Dict[str, nn.Module]:
+    """The default differentiated layers: every module of ``kinds`` with a trainable parameter."""
+    mods = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, kinds) and any(p.requires_grad for p in m.parameters(recurse=False))
+    }
+    if not mods:
+        raise ValueError(
+            f"The model has no trainable {' / '.join(k.__name__ for k in kinds)} layer; pass "
+            "layers= naming layers with trainable parameters."
+        )
+    return mods
+
+
+def dataset_size(trainer: Trainer, who: str) -> int:
+    """``N``: the size of the training dataset, which must be map-style and non-empty."""
+    dl = trainer.train_dataloader
+    ds = getattr(dl, "dataset", None)
+    if ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+        raise TypeError(
+            f"{who} needs a map-style training dataset (stable sample positions); got "
+            f"{type(ds).__name__}. Wrap a map-style dataset with IndexedDataset, or pass "
+            "num_samples= and give every item an 'index'."
+        )
+    n = len(ds)
+    if n == 0:
+        raise ValueError(f"The training dataloader is empty: {who} has no sample to score.")
+    return n

@@ -26,8 +26,7 @@ from ..influence.methods import KFACInfluence, param_checksum, query_matrix, tra
 from ..influence.registry import HESSIAN_METHODS, METHODS, make_method
 from ..influence.tracin import top_k as top_k_of
 from ..io import atomic_torch_save, check_writable, resolve_output_dir
-from .common import RankShard, sequential_loader
-from .tracin import module_per_sample_loss
+from .common import RankShard, default_layers, module_per_sample_loss, sequential_loader
 
 __all__ = ["InfluenceAnalysis"]
 
@@ -239,18 +238,7 @@ class InfluenceAnalysis(Callback):
         )
         kinds = SUPPORTED_LAYERS if kfac or self.method == "randproj" else (nn.Linear,)
         if self.layers is None:
-            mods = {
-                n: m
-                for n, m in model.named_modules()
-                if isinstance(m, kinds)
-                and any(p.requires_grad for p in m.parameters(recurse=False))
-            }
-            if not mods:
-                raise ValueError(
-                    f"The model has no trainable {[k.__name__ for k in kinds]} layer; pass "
-                    "layers= naming layers with trainable parameters."
-                )
-            return mods
+            return default_layers(model, kinds)
         return resolve_layers(model, self.layers)
 
     def _config(self, modules: Dict[str, nn.Module], feats: GradientFeaturizer, n: int) -> dict:

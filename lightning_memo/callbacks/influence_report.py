@@ -11,12 +11,11 @@ import torch
 
 from ..influence.tracin import top_k as top_k_of
 from ..io import (
-    as_image,
     atomic_write_csv,
     atomic_write_json,
-    image_grid,
     tensorboard_writer,
 )
+from ..viz import dataset_grid
 
 __all__ = ["write_report", "proponent_images"]
 
@@ -97,21 +96,12 @@ def proponent_images(analysis: Any, train: Any, queries: Any, k: int = 5) -> Opt
     if qds is None:
         return None
     n_show = min(analysis.n_show, analysis.scores.shape[0], len(qds))
-    images, captions = [], []
+    items, captions = [], []
     for q in range(n_show):
         pro, opp = top_k_of(analysis.scores[q], k)
-        items = [qds[q]] + [ds[int(i)] for i in pro] + [ds[int(i)] for i in opp]
-        for item in items:
-            try:
-                im = as_image(torch.as_tensor(analysis._get_input(item)), analysis.image_shape)
-                lab = int(torch.as_tensor(analysis._get_label(item)))
-            except (KeyError, IndexError, TypeError, ValueError):
-                return None
-            if im is None:
-                return None
-            images.append(im)
-            captions.append(str(lab))
-    if not images:
+        items += [qds[q]] + [ds[int(i)] for i in pro] + [ds[int(i)] for i in opp]
+    try:
+        captions = [str(int(torch.as_tensor(analysis._get_label(it)))) for it in items]
+    except (KeyError, IndexError, TypeError, ValueError):
         return None
-    scale = max(1, 64 // max(images[0].shape[1:]))
-    return image_grid(images, captions, scale=scale, ncol=1 + 2 * k)
+    return dataset_grid(items, analysis._get_input, captions, analysis.image_shape, 1 + 2 * k)

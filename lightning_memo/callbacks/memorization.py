@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import IterableDataset
 
 from ..capture import (
     FeatureCapture,
@@ -29,17 +28,22 @@ from ..capture import (
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, world_size
 from ..io import (
-    as_image,
     atomic_write_csv,
     atomic_write_json,
     check_writable,
     clear_files,
-    image_grid,
     resolve_output_dir,
     tensorboard_writer,
 )
 from ..psmi import PSMI
-from .common import checked_forward, default_forward, resumed_output_dir, sequential_loader
+from ..viz import dataset_grid
+from .common import (
+    checked_forward,
+    dataset_size,
+    default_forward,
+    resumed_output_dir,
+    sequential_loader,
+)
 
 __all__ = ["MemorizationMonitor"]
 
@@ -235,7 +239,7 @@ class MemorizationMonitor(Callback):
         return self.flag_layer or self.capture.names[-1]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        n = self.num_samples or self._dataset_size(trainer)
+        n = self.num_samples or dataset_size(trainer, "MemorizationMonitor")
         self._device = pl_module.device
         self._first_epoch = trainer.current_epoch
         self.capture.allocate(n)
@@ -268,22 +272,6 @@ class MemorizationMonitor(Callback):
             if not resumed:  # a new run into this folder: no epoch file of an earlier run stays
                 clear_files(self.out_dir, r"epoch_\d+\.csv|flagged\.csv|history\.json")
             atomic_write_json(os.path.join(self.out_dir, "config.json"), self._config(n))
-
-    def _dataset_size(self, trainer: Trainer) -> int:
-        dl = trainer.train_dataloader
-        ds = getattr(dl, "dataset", None)
-        if ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
-            raise TypeError(
-                "MemorizationMonitor needs a map-style training dataset (stable sample positions);"
-                f" got {type(ds).__name__}. Wrap a map-style dataset with IndexedDataset, or pass "
-                "num_samples= and give every item an 'index'."
-            )
-        n = len(ds)
-        if n == 0:
-            raise ValueError(
-                "The training dataloader is empty: MemorizationMonitor has no sample to score."
-            )
-        return n
 
     def _config(self, n: int) -> Dict[str, Any]:
         return {
@@ -655,18 +643,10 @@ class MemorizationMonitor(Callback):
         ds = getattr(trainer.train_dataloader, "dataset", None)
         if ds is None:
             return
-        images = []
-        for i in lowest:
-            try:
-                im = as_image(torch.as_tensor(self._get_input(ds[int(i)])), self.image_shape)
-            except (KeyError, IndexError, TypeError, ValueError):
-                im = None
-            if im is None or (images and im.shape != images[0].shape):
-                return  # not images: the text table above is the picture
-            images.append(im)
-        if images:
-            scale = max(1, 64 // max(images[0].shape[1:]))
-            grid = image_grid(images, [str(int(labels[i])) for i in lowest], scale=scale)
+        items = [ds[int(i)] for i in lowest]
+        caps = [str(int(labels[i])) for i in lowest]
+        grid = dataset_grid(items, self._get_input, caps, self.image_shape)
+        if grid is not None:  # not images: the text table above is the picture
             writer.add_image(tag, grid, step, dataformats="CHW")
 
     def _write_files(

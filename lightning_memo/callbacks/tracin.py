@@ -25,35 +25,19 @@ from ..influence.features import GradientFeaturizer
 from ..influence.grads import select_parameters
 from ..influence.tracin import GradientStore, top_k, tracin_scores, tracin_self_influence
 from ..io import (
-    as_image,
     atomic_torch_save,
     atomic_write_csv,
     atomic_write_json,
     check_writable,
-    image_grid,
     resolve_output_dir,
     tensorboard_writer,
 )
-from .common import resumed_output_dir, sequential_loader
+from ..viz import dataset_grid
+from .common import default_layers, module_per_sample_loss, resumed_output_dir, sequential_loader
 
-__all__ = ["TracIn", "module_per_sample_loss"]
+__all__ = ["TracIn"]
 
 MODES = ("checkpoints", "online")
-
-
-def module_per_sample_loss(module: Any, batch: Any) -> torch.Tensor:
-    """Default loss: ``module.per_sample_loss(batch)`` -> (B,)."""
-    fn = getattr(module, "per_sample_loss", None)
-    if fn is None:
-        raise ValueError(
-            f"{type(module).__name__} has no `per_sample_loss(self, batch)`; TracIn and "
-            "InfluenceAnalysis need one loss per sample. Add for example:\n"
-            "    def per_sample_loss(self, batch):\n"
-            "        x, y = batch[0], batch[1]\n"
-            "        return F.cross_entropy(self(x), y, reduction='none')\n"
-            "or pass loss_fn=lambda module, batch: ... to the callback."
-        )
-    return fn(batch)
 
 
 class TracIn(Callback):
@@ -215,17 +199,7 @@ class TracIn(Callback):
             owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in params}
             modules = {n: pl_module.get_submodule(n) for n in sorted(owners)}
         elif self.layers is None:
-            modules = {n: m for n, m in pl_module.named_modules() if isinstance(m, nn.Linear)}
-            modules = {
-                n: m
-                for n, m in modules.items()
-                if any(p.requires_grad for p in m.parameters(recurse=False))
-            }
-            if not modules:
-                raise ValueError(
-                    "The model has no trainable nn.Linear layer; pass layers= naming layers with "
-                    "trainable parameters."
-                )
+            modules = default_layers(pl_module, (nn.Linear,))
         else:
             modules = resolve_layers(pl_module, self.layers)
         self.features = GradientFeaturizer(
@@ -491,23 +465,12 @@ class TracIn(Callback):
         if writer is not None:
             writer.add_histogram("tracin/self_influence", si, trainer.global_step)
             ds = getattr(trainer.train_dataloader, "dataset", None)
-            top = order[:16]
-            images = []
-            for i in top:
-                try:
-                    im = as_image(torch.as_tensor(self._get_input(ds[int(i)])), self.image_shape)
-                except (KeyError, IndexError, TypeError, ValueError):
-                    im = None
-                if im is None:
-                    images = []
-                    break
-                images.append(im)
-            if images:
-                grid = image_grid(
-                    images,
-                    [str(int(labels[i])) for i in top],
-                    scale=max(1, 64 // max(images[0].shape[1:])),
-                )
+            top = order[:16] if ds is not None else []
+            items = [ds[int(i)] for i in top]
+            grid = dataset_grid(
+                items, self._get_input, [str(lab[i]) for i in top], self.image_shape
+            )
+            if grid is not None:
                 writer.add_image("tracin/top_self_influence", grid, trainer.global_step)
 
     def on_exception(
