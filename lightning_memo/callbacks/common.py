@@ -129,7 +129,7 @@ def default_layers(model: nn.Module, kinds: Tuple[type, ...]) -> Dict[str, nn.Mo
     }
     if not mods:
         raise ValueError(
-            f"The model has no trainable {' / '.join(k.__name__ for k in kinds)} layer; pass "
+            f"The model has no trainable {' / '.join('nn.' + k.__name__ for k in kinds)} layer; pass "
             "layers= naming layers with trainable parameters."
         )
     return mods
