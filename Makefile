@@ -11,7 +11,8 @@ PYTHON ?= python3
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	# the test extras for `make test`, the demo extras (scikit-learn, matplotlib) for `make demo`
+	$(PY) -m pip install -q -e ".[test,demo]"
 	# reference packages for the parity tests, without their own (CUDA) torch requirement
 	$(PY) -m pip install -q --no-deps concept-erasure==0.2.4 captum==0.9.0 \
 		kronfluence==1.0.1 accelerate==1.15.0 einops==0.8.2 einconv==0.1.0 \

@@ -51,12 +51,12 @@ from _common import (  # noqa: E402
 )
 
 from lightning_memo import IndexedDataset, InfluenceAnalysis  # noqa: E402
-from lightning_memo.demo import _auroc  # noqa: E402
-from lightning_memo.demo_influence import (  # noqa: E402
+from lightning_memo.demos._common import auroc as _auroc  # noqa: E402
+from lightning_memo.demos._common import recall_top as _recall_top  # noqa: E402
+from lightning_memo.demos.influence import (  # noqa: E402
     DATASET_DEFAULTS,
     GEX_DEMO,
     LABELS,
-    _recall_top,
     methods_chart,
     run_influence_demo,
 )

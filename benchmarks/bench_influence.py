@@ -487,7 +487,7 @@ class OursKFAC(OursBase):
             seed=self.cfg.seed,
         )
         self.method.fit(self.model, self.feat.params, per_sample_loss, self.train,
-                        output_fn=logits_fn)  # fmt: skip
+                        {"output_fn": logits_fn})  # fmt: skip
 
 
 class OursArnoldi(OursBase):
@@ -506,7 +506,7 @@ class OursArnoldi(OursBase):
             self.modules,
             damping=self.cfg.damping,
             arnoldi_dim=self.cfg.arnoldi_dim,
-            top_k_eigen=self.cfg.top_k,
+            arnoldi_k=self.cfg.top_k,
             seed=self.seed,
         )
         with warnings.catch_warnings(record=True) as caught:

@@ -598,7 +598,7 @@ def section_captum(
         [
             f"ours k={cfg.k} from the files vs the in-training callback",
             f"{max_rel_err(si[proj], in_training.self_influence):.1e}",
-            f"{max_rel_err(sc[proj], in_training.scores()):.1e}",
+            f"{max_rel_err(sc[proj], in_training.scores):.1e}",
         ]
     )
     t2 = md_table(

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import sys
 
-from lightning_memo.demo_erasure import run_erasure_demo
+from lightning_memo.demos import run_erasure_demo
 
 if __name__ == "__main__":
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 40

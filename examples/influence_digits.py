@@ -35,8 +35,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memo import IndexedDataset, InfluenceAnalysis
-from lightning_memo.data import load_digits_flipped
-from lightning_memo.demo import DigitsMLP
+from lightning_memo.demos import DigitsMLP, load_digits_flipped
 
 
 def main(epochs: int = 40) -> None:

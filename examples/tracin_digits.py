@@ -26,7 +26,7 @@ Using TracIn on your own model
    (not a bound method of your model) when the chosen layers are not all ``nn.Linear``: that
    path differentiates through ``module``'s call.
 3. Queries: a DataLoader of labelled samples whose influence you want explained, e.g. the
-   validation set, not shuffled (rows of ``scores()`` follow the loader's order). Without
+   validation set, not shuffled (rows of ``scores`` follow the loader's order). Without
    ``queries=`` you get self-influence only.
 4. Size the gradient features: ``projection_dim=1024`` (default) projects each Linear layer's
    per-sample gradient with a Kronecker (LoGra) projection; the store holds
@@ -40,7 +40,7 @@ Using TracIn on your own model
 6. Read the results after ``trainer.fit``:
 
        tracin.self_influence          # (N,) high = mislabeled / atypical / memorized
-       tracin.scores()                # (n_query, N) influence of each training sample on each query
+       tracin.scores                # (n_query, N) influence of each training sample on each query
        tracin.top_k_for(0)            # {"proponents", "proponent_scores", "opponents", ...}
 
    and the files under <log_dir>/lightning_memo/tracin/: self_influence.csv (index, label,
@@ -56,7 +56,7 @@ import sys
 
 import numpy as np
 
-from lightning_memo.demo_tracin import run_tracin_demo
+from lightning_memo.demos import run_tracin_demo
 
 if __name__ == "__main__":
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 40

@@ -2,7 +2,7 @@
 
 from .callbacks import ConceptErasure, InfluenceAnalysis, MemorizationMonitor, TracIn
 from .capture import FeatureCapture, pool, resolve_layers
-from .data import IndexedDataset, get_indices, get_labels, load_digits_flipped, make_accessor
+from .data import IndexedDataset, get_indices, get_labels, make_accessor
 from .exceptions import (
     LayerNotFoundError,
     MissingIndexError,
@@ -32,11 +32,22 @@ __all__ = [
     "make_accessor",
     "get_indices",
     "get_labels",
-    "load_digits_flipped",
     "LayerNotFoundError",
     "MissingIndexError",
     "MissingLabelError",
     "NotFittedError",
     "SampleIndexError",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lightning_memo")
+    except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()

@@ -6,6 +6,7 @@ Knows modules, hooks and sample indices; nothing of PSMI or influence.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
 import itertools
 import weakref
@@ -20,6 +21,7 @@ __all__ = [
     "FeatureCapture",
     "pool",
     "resolve_layers",
+    "resolve_parameters",
     "POOLINGS",
     "LayerSpec",
     "Pooling",
@@ -194,6 +196,42 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> Dict[str, nn.Module]:
             out[n] = named[n]
     if not out:
         raise LayerNotFoundError("layers= is empty: name at least one layer of the model.")
+    return out
+
+
+def resolve_parameters(model: nn.Module, patterns: Union[str, Sequence[str]]) -> List[str]:
+    """Parameter names of ``model`` matching each name or glob, in the order given, once each.
+
+    Args:
+        model: the model owning the parameters.
+        patterns: names from ``model.named_parameters()`` or ``fnmatch`` globs (``"head.*"``,
+            ``"net.4.b*"``); a single string is one pattern.
+
+    Raises:
+        LayerNotFoundError: a pattern matches no parameter (lists the closest names), or
+            ``patterns`` is empty.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n for n, _ in model.named_parameters()]
+    out: List[str] = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            close = difflib.get_close_matches(pat, names, n=5, cutoff=0.3)
+            hint = (
+                f"Closest names: {', '.join(close)}."
+                if close
+                else f"The model's parameters include: {', '.join(names[:8]) or 'none'}."
+            )
+            raise LayerNotFoundError(
+                f"No parameter matches {pat!r}. {hint} Pass names from "
+                "`dict(model.named_parameters())` (globs such as 'head.*' are allowed). The model "
+                f"has {len(names)} named parameters."
+            )
+        out += [n for n in hits if n not in out]
+    if not out:
+        raise LayerNotFoundError("parameters= is empty: name at least one parameter of the model.")
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
@@ -24,7 +23,6 @@ __all__ = [
     "make_accessor",
     "get_indices",
     "get_labels",
-    "load_digits_flipped",
 ]
 
 Accessor = Union[None, str, int, Callable[[Any], Any]]
@@ -198,31 +196,3 @@ def get_labels(batch: Any, accessor: Callable[[Any], Any]) -> torch.Tensor:
             "field."
         )
     return lab.long()
-
-
-def load_digits_flipped(
-    flip_fraction: float = 0.1, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's digits (1,797 8x8 images) with a seeded share of labels flipped.
-
-    Returns:
-        x: (n, 64) float32 in [0, 1]; y_noisy: (n,) int64 training labels; y_true: (n,) int64;
-        flipped: (n,) bool.
-    """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The demo data needs scikit-learn: pip install scikit-learn (or `make demo`)."
-        ) from err
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y_true = data.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    flipped = np.zeros(n, dtype=bool)
-    flipped[rng.choice(n, int(round(flip_fraction * n)), replace=False)] = True
-    y_noisy = y_true.copy()
-    shift = rng.integers(1, 10, size=int(flipped.sum()))
-    y_noisy[flipped] = (y_true[flipped] + shift) % 10
-    return x, y_noisy, y_true, flipped

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["LeaceFitter", "LeaceEraser", "linear_shrinkage", "concept_matrix"]
+__all__ = ["LeaceFitter", "LeaceEraser", "linear_shrinkage", "concept_matrix", "edit_norm"]
 
 
 def _as_tensor(a: Any) -> torch.Tensor:
@@ -491,3 +491,23 @@ def _tr_pspt(
     t2 = (bl * s_br).sum()
     t3 = torch.trace((bl.T @ al) @ (ar.T @ s_br))
     return torch.trace(sigma) - t1 - t2 + t3
+
+
+def edit_norm(x: torch.Tensor, erased: torch.Tensor) -> torch.Tensor:
+    """Mean squared size of an erasure's edit: ``mean_i ||x_i - r(x_i)||^2`` (summed over features).
+
+    The quantity LEACE minimises among erasers with ``Cov(r(x), z) = 0`` (in the Euclidean norm;
+    Belrose et al., NeurIPS 2023).
+
+    Args:
+        x: (n, d) features; erased: (n, d) their erased version ``r(x)``.
+
+    Returns:
+        A 0-dim tensor in the dtype of ``x - erased``.
+    """
+    if x.shape != erased.shape:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but erased has {tuple(erased.shape)}; pass the features "
+            "and their erased version, row for row."
+        )
+    return (x - erased).square().sum(dim=-1).mean()

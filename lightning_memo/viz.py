@@ -1,13 +1,20 @@
-"""Images and figures shared by the callbacks, the demos and the report (torch only)."""
+"""Images and figures shared by the callbacks, the demos and the report (torch and numpy; PNG
+files through Pillow when it is installed, else a built-in encoder)."""
 
 from __future__ import annotations
 
+import io
 import math
-from typing import Any, Callable, List, Optional, Sequence
+import struct
+import zlib
+from typing import Any, Callable, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
-__all__ = ["as_image", "image_grid", "render_text", "dataset_grid"]
+from .io import atomic_write_bytes
+
+__all__ = ["as_image", "image_grid", "render_text", "dataset_grid", "save_png"]
 
 
 def as_image(
@@ -122,3 +129,59 @@ def dataset_grid(
         return None
     scale = max(1, 64 // max(images[0].shape[1:]))
     return image_grid(images, list(captions), scale=scale, ncol=ncol)
+
+
+def save_png(image: Union[np.ndarray, torch.Tensor], path: str) -> str:
+    """Write an RGB image as a PNG file, atomically (a crash never leaves a half-written file).
+
+    Pillow encodes it when installed; otherwise a minimal built-in encoder (zlib) does, so no image
+    library is needed. Both give the same pixels.
+
+    Args:
+        image: (H, W, 3) uint8 array or tensor, e.g. ``(grid * 255).round().byte().permute(1, 2,
+            0)`` for a ``(3, H, W)`` grid in [0, 1] from :func:`image_grid`.
+        path: the file to write; its folder is created if missing.
+
+    Returns:
+        The encoder used: ``"PIL"`` or ``"zlib"``.
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(
+            f"save_png needs an (H, W, 3) uint8 image; got shape {tuple(image.shape)} and dtype "
+            f"{image.dtype}. Convert a (3, H, W) image in [0, 1] with "
+            "(x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)."
+        )
+    try:
+        from PIL import Image
+    except ImportError:
+        atomic_write_bytes(path, _png_bytes_zlib(image))
+        return "zlib"
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return "PIL"
+
+
+def _png_bytes_zlib(img: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 array as the bytes of an 8-bit RGB PNG (no image library needed)."""
+    h, w, _ = img.shape
+    raw = b"".join(b"\x00" + np.ascontiguousarray(img[r]).tobytes() for r in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        body = tag + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _write_png_zlib(img: np.ndarray, path: str) -> None:
+    """Write an (H, W, 3) uint8 array as PNG with the built-in encoder (atomically)."""
+    atomic_write_bytes(path, _png_bytes_zlib(img))

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_memo.capture import POOLINGS, FeatureCapture, check_pooling, pool, resolve_layers
+from lightning_memo.capture import (
+    POOLINGS,
+    FeatureCapture,
+    check_pooling,
+    pool,
+    resolve_layers,
+    resolve_parameters,
+)
 from lightning_memo.exceptions import LayerNotFoundError
 
 
@@ -93,6 +100,37 @@ def test_resolve_empty_and_bad_types():
         resolve_layers(model, [])
     with pytest.raises(TypeError, match="names or modules"):
         resolve_layers(model, [3])
+
+
+# ---------------------------------------------------------------------------------- parameters
+
+
+def test_resolve_parameters_names_and_globs_in_order_once():
+    model = _mlp()
+    assert resolve_parameters(model, "head.weight") == ["head.weight"]
+    assert resolve_parameters(model, ["head.*", "net.4.b*", "head.bias"]) == [
+        "head.weight",
+        "head.bias",
+        "net.4.bias",
+    ]
+    every = [n for n, _ in model.named_parameters()]
+    assert resolve_parameters(model, ["*"]) == every  # model order
+    assert "resolve_parameters" in __import__("lightning_memo.capture").capture.__all__
+
+
+def test_resolve_parameters_unknown_lists_close_names():
+    model = _mlp()
+    with pytest.raises(LayerNotFoundError) as info:
+        resolve_parameters(model, ["net.4.wieght"])
+    msg = str(info.value)
+    assert "No parameter matches 'net.4.wieght'" in msg
+    assert re.search(r"Closest names: net\.4\.weight", msg)
+    assert "named_parameters()" in msg and "8 named parameters" in msg
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(LayerNotFoundError, match="'zzz'.* parameters include: net.0.weight"):
+        resolve_parameters(model, ["zzz"])  # nothing close: the first names instead
+    with pytest.raises(LayerNotFoundError, match="parameters= is empty"):
+        resolve_parameters(model, [])
 
 
 # ---------------------------------------------------------------------------------- pool

@@ -1,6 +1,6 @@
-"""Tests of sample identity (lightning_memo.data): IndexedDataset, accessors, index/label checks
-and the demo data. Oracles are the items and positions built by hand in each test, Python loops,
-and scikit-learn's own ``load_digits``."""
+"""Tests of sample identity (lightning_memo.data): IndexedDataset, accessors, index/label checks.
+Oracles are the items and positions built by hand in each test and Python loops. (The demo data,
+``load_digits_flipped``, is tested in tests/test_demo_common.py.)"""
 
 import pickle
 
@@ -9,13 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from lightning_memo.data import (
-    IndexedDataset,
-    get_indices,
-    get_labels,
-    load_digits_flipped,
-    make_accessor,
-)
+from lightning_memo.data import IndexedDataset, get_indices, get_labels, make_accessor
 from lightning_memo.exceptions import MissingIndexError, MissingLabelError, SampleIndexError
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -348,43 +342,3 @@ def test_get_labels_token_labels():
     # (B, 1) is not token labels, but still not (B,)
     with pytest.raises(MissingLabelError, match="must be"):
         get_labels({"labels": torch.zeros(2, 1, dtype=torch.long)}, _LAB)
-
-
-# ---------------------------------------------------------------------------------- demo data
-
-
-def test_load_digits_flipped():
-    from sklearn.datasets import load_digits
-
-    ref = load_digits()
-    x, y_noisy, y_true, flipped = load_digits_flipped(flip_fraction=0.1, seed=0)
-    n = 1797
-    assert x.shape == (n, 64) and x.dtype == np.float32
-    assert y_noisy.shape == y_true.shape == flipped.shape == (n,)
-    assert y_noisy.dtype == y_true.dtype == np.int64 and flipped.dtype == bool
-    assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() == 1.0
-    np.testing.assert_allclose(x, ref.data / 16.0, rtol=0, atol=1e-7)
-    np.testing.assert_array_equal(y_true, ref.target)
-    assert flipped.sum() == round(0.1 * n) == 180
-    assert np.all(y_noisy[flipped] != y_true[flipped])
-    assert np.all((y_noisy >= 0) & (y_noisy <= 9))
-    np.testing.assert_array_equal(y_noisy[~flipped], y_true[~flipped])
-    np.testing.assert_array_equal(flipped, y_noisy != y_true)
-
-
-def test_load_digits_flipped_seeded():
-    a = load_digits_flipped(seed=3)
-    b = load_digits_flipped(seed=3)
-    for u, v in zip(a, b):
-        np.testing.assert_array_equal(u, v)
-    c = load_digits_flipped(seed=4)
-    assert not np.array_equal(a[3], c[3])
-    assert not np.array_equal(a[1], c[1])
-    np.testing.assert_array_equal(a[2], c[2])  # the true labels do not depend on the seed
-
-
-def test_load_digits_flipped_fraction():
-    _, y_noisy, y_true, flipped = load_digits_flipped(flip_fraction=0.0)
-    assert flipped.sum() == 0 and np.array_equal(y_noisy, y_true)
-    _, _, _, flipped = load_digits_flipped(flip_fraction=0.25, seed=1)
-    assert flipped.sum() == round(0.25 * 1797)

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from lightning_memo.cli import build_parser, main
-from lightning_memo.demo_erasure import load_digits_patched, run_erasure_demo
+from lightning_memo.cli import main, parse_args
+from lightning_memo.demos import run_erasure_demo
+from lightning_memo.demos.erasure import load_digits_patched
 
 pytest.importorskip("sklearn")
 
@@ -74,8 +75,8 @@ def test_cli_demo_erasure_prints_the_table(tmp_path, capsys):
 
 
 def test_cli_demo_defaults_to_memorization():
-    assert build_parser().parse_args(["demo"]).which == "memorization"
-    assert build_parser().parse_args(["demo", "erasure"]).which == "erasure"
+    assert parse_args(["demo"]).which == "memorization"
+    assert parse_args(["demo", "erasure"]).which == "erasure"
 
 
 def test_bad_modes_are_refused(tmp_path):

@@ -9,15 +9,14 @@ import struct
 import numpy as np
 import pytest
 
-from lightning_memo.cli import build_parser, main
-from lightning_memo.demo_influence import (
+from lightning_memo.cli import main, parse_args
+from lightning_memo.demos import run_influence_demo
+from lightning_memo.demos.influence import (
     CHART_NAME,
     DEMO_METHODS,
     PNG_NAME,
-    _auroc,
     load_breast_cancer_flipped,
     methods_chart,
-    run_influence_demo,
 )
 
 pytest.importorskip("sklearn")
@@ -185,11 +184,11 @@ def test_methods_chart_with_error_bars(tmp_path):
 
 
 def test_single_method_and_cli(tmp_path, capsys):
-    args = build_parser().parse_args(["demo", "influence", "--method", "ekfac"])
+    args = parse_args(["demo", "influence", "--method", "ekfac"])
     assert (args.which, args.method) == ("influence", "ekfac")
-    assert build_parser().parse_args(["demo", "influence"]).method == "all"
+    assert parse_args(["demo", "influence"]).method == "all"
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "influence", "--method", "lissa"])
+        parse_args(["demo", "influence", "--method", "lissa"])
     out_dir = str(tmp_path / "cli")
     argv = ["demo", "influence", "--method", "exact", "--epochs", "3", "--out", out_dir]
     assert main(argv) == 0
@@ -200,10 +199,10 @@ def test_single_method_and_cli(tmp_path, capsys):
     assert os.path.exists(os.path.join(out_dir, PNG_NAME))
     assert not os.path.exists(os.path.join(out_dir, "influence_proponents_exact.png"))
     # every method by name, and the second dataset
-    args = build_parser().parse_args(["demo", "influence", "--method", "gex"])
+    args = parse_args(["demo", "influence", "--method", "gex"])
     assert (args.method, args.dataset) == ("gex", "digits")
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "influence", "--dataset", "iris"])
+        parse_args(["demo", "influence", "--dataset", "iris"])
     out_dir = str(tmp_path / "bc")
     argv = ["demo", "influence", "--method", "boundary", "--dataset", "breast_cancer"]
     assert main([*argv, "--epochs", "3", "--out", out_dir]) == 0
@@ -213,32 +212,8 @@ def test_single_method_and_cli(tmp_path, capsys):
     assert set(os.listdir(out_dir)) == {"influence_demo_breast_cancer", CHART_NAME}
 
 
-def test_auroc_of_large_scores_is_not_saturated():
-    """torchmetrics applies a sigmoid to scores outside [0, 1]; large self-influence values would
-    tie at 1.0. The demo ranks them first: same AUROC at every scale."""
-    rng = np.random.default_rng(0)
-    target = rng.random(500) < 0.1
-    score = np.round(rng.normal(size=500) + 3 * target, 1)
-    ref = _auroc(score, target)
-    # brute-force AUROC: P(positive > negative) + 0.5 P(tie)
-    pos, neg = score[target][:, None], score[~target][None, :]
-    brute = float(np.mean(pos > neg) + 0.5 * np.mean(pos == neg))
-    assert ref == pytest.approx(brute, abs=1e-6)
-    for scale in (1e3, 1e9):
-        assert _auroc(score * scale, target) == pytest.approx(ref, abs=1e-6)
-
-
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="method='lissa'"):
         run_influence_demo(method="lissa", out_dir=str(tmp_path), verbose=False)
     with pytest.raises(ValueError, match="epochs=0"):
         run_influence_demo(method="ekfac", epochs=0, out_dir=str(tmp_path), verbose=False)
-
-
-def test_auroc_exact_values_with_large_scores_and_nan():
-    """torchmetrics applies a sigmoid to scores outside [0, 1]; ranks keep the AUROC exact."""
-    target = np.array([0, 0, 1, 0, 1, 1])
-    score = np.array([100.0, 300.0, 200.0, 150.0, 250.0, 400.0])  # 7 of 9 pairs ordered
-    assert _auroc(score, target) == pytest.approx(7 / 9)
-    assert _auroc(score * 1e-3, target) == pytest.approx(7 / 9)
-    assert _auroc(np.array([np.nan, 1, 2, 0, 3, 4.0]), target) == pytest.approx(1.0)

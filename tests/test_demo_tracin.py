@@ -8,8 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from lightning_memo.cli import build_parser, main
-from lightning_memo.demo_tracin import PNG_NAME, _write_png_zlib, run_tracin_demo
+from lightning_memo.cli import main, parse_args
+from lightning_memo.demos import run_tracin_demo
+from lightning_memo.demos.tracin import PNG_NAME
 
 pytest.importorskip("sklearn")
 
@@ -77,24 +78,14 @@ def test_self_influence_beats_the_final_loss_once_flips_are_memorized(tmp_path):
     assert tracin > 0.97 and tracin > final + 0.03
 
 
-def test_zlib_png_writer_matches_pillow(tmp_path):
-    image = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(7, 5, 3), dtype=np.uint8)
-    path = str(tmp_path / "x.png")
-    _write_png_zlib(img, path)
-    assert png_size(path) == (5, 7)
-    np.testing.assert_array_equal(np.asarray(image.open(path).convert("RGB")), img)
-
-
 def test_cli_demo_tracin_prints_the_table(tmp_path, capsys):
     assert main(["demo", "tracin", "--epochs", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for words in ("AUROC", "TracIn self-influence", "loss, final model", "proponents", PNG_NAME):
         assert words in out
     assert png_size(os.path.join(str(tmp_path), PNG_NAME)) == (PNG_W, PNG_H)
-    assert build_parser().parse_args(["demo"]).which == "memorization"
-    assert build_parser().parse_args(["demo", "tracin"]).which == "tracin"
+    assert parse_args(["demo"]).which == "memorization"
+    assert parse_args(["demo", "tracin"]).which == "tracin"
 
 
 def test_bad_arguments_are_refused(tmp_path):

@@ -149,3 +149,19 @@ def dataset_size(trainer: Trainer, who: str) -> int:
     if n == 0:
         raise ValueError(f"The training dataloader is empty: {who} has no sample to score.")
     return n
+
+
+def show_progress(progress: Optional[bool], trainer: Trainer) -> bool:
+    """Whether a callback draws a progress bar on this process: ``progress=None`` follows the
+    Trainer (a bar when it has a progress-bar callback, so ``Trainer(enable_progress_bar=False)``
+    silences every callback's bars too), ``True`` / ``False`` force it; only global rank 0 draws."""
+    show = trainer.progress_bar_callback is not None if progress is None else bool(progress)
+    return show and trainer.is_global_zero
+
+
+def batch_mask(batch: Any, mask_key: Optional[str]) -> Any:
+    """The attention mask ``batch[mask_key]`` of a dict batch; ``None`` for other batches, a
+    missing key or ``mask_key=None``."""
+    if isinstance(batch, dict) and mask_key and mask_key in batch:
+        return batch[mask_key]
+    return None

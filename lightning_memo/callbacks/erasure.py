@@ -27,9 +27,16 @@ from ..capture import (
 from ..data import Accessor, make_accessor
 from ..distributed import gather_rows, gather_stats, world_size
 from ..io import atomic_torch_save, atomic_write_json, check_writable, resolve_output_dir
-from ..leace import LeaceEraser, LeaceFitter
+from ..leace import LeaceEraser, LeaceFitter, edit_norm
 from ..probe import probe_accuracy, probe_r2
-from .common import checked_forward, default_forward, resumed_output_dir, sequential_loader
+from .common import (
+    batch_mask,
+    checked_forward,
+    default_forward,
+    resumed_output_dir,
+    sequential_loader,
+    show_progress,
+)
 
 __all__ = ["ConceptErasure"]
 
@@ -47,8 +54,8 @@ class ConceptErasure(Callback):
     Args:
         layers: layer names (globs allowed) or modules.
         concept: how to read the concept from a batch (dict key, tuple position or callable);
-            default: the label. Integer ``(B,)`` = classes; float ``(B, k)`` = one-hot or
-            continuous (``z_dim=k``); a float ``(B,)`` needs ``z_dim=1``.
+            default: the label (read with ``label_key``). Integer ``(B,)`` = classes; float
+            ``(B, k)`` = one-hot or continuous (``z_dim=k``); a float ``(B,)`` needs ``z_dim=1``.
         z_dim: concept dimension; ``None``: inferred (classes grow as they appear; float ``(B, k)``
             gives k).
         fit_on: ``"train"`` (the Trainer's training set, sequential) or a DataLoader.
@@ -65,17 +72,24 @@ class ConceptErasure(Callback):
         sequential: fit layers one after another, each with the layers before it already erased
             (one pass per layer), so every layer's guarantee holds in the erased network.
         max_batches: limit the batches of each fitting pass.
+        index_key, label_key: batch accessors (see ``lightning_memo.data``): ``label_key`` reads
+            the concept when ``concept`` is ``None``; string keys of both are left out of the
+            default forward's ``module(**batch)``. Sample indices are not needed for erasure.
+        input_key: accepted so every callback takes the same accessors; ConceptErasure shows no
+            inputs and calls the model with ``forward_fn``, so it does not read it.
         mask_key: dict key of the attention mask.
         forward_fn: ``(module, batch) -> output`` of the fitting passes.
         probe: log linear-probe accuracy for the concept before/after erasure at each fit.
         probe_samples: rows kept per layer for the probe.
         output_dir: folder of ``erasers.pt`` and ``config.json``.
-        progress: progress bars on fitting passes.
+        progress: progress bars on fitting passes; ``None`` follows the Trainer
+            (``enable_progress_bar``).
     """
 
     def __init__(
         self,
         layers: LayerSpec,
+        *,
         concept: Accessor = None,
         z_dim: Optional[int] = None,
         fit_on: Union[str, Any] = "train",
@@ -88,12 +102,15 @@ class ConceptErasure(Callback):
         output_index: Optional[int] = None,
         sequential: bool = True,
         max_batches: Optional[int] = None,
+        index_key: Accessor = None,
+        label_key: Accessor = None,
+        input_key: Accessor = None,
         mask_key: Optional[str] = "attention_mask",
         forward_fn: Optional[Callable[[LightningModule, Any], Any]] = None,
         probe: bool = True,
         probe_samples: int = 4096,
         output_dir: Optional[str] = None,
-        progress: bool = True,
+        progress: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if when not in WHEN:
@@ -119,7 +136,8 @@ class ConceptErasure(Callback):
         self.output_index, self.sequential, self.max_batches = output_index, sequential, max_batches
         self.mask_key, self.forward_fn = mask_key, forward_fn
         self.concept = concept
-        self._get_concept = make_accessor(concept, "label")
+        self.index_key, self.label_key, self.input_key = index_key, label_key, input_key
+        self._get_concept = make_accessor(concept if concept is not None else label_key, "label")
         self.probe, self.probe_samples = probe, int(probe_samples)
         self.output_dir, self.progress = output_dir, progress
         # state
@@ -382,9 +400,7 @@ class ConceptErasure(Callback):
         return z
 
     def _batch_mask(self, batch: Any) -> Optional[torch.Tensor]:
-        if isinstance(batch, dict) and self.mask_key and self.mask_key in batch:
-            return batch[self.mask_key]
-        return None
+        return batch_mask(batch, self.mask_key)
 
     def _fit_pass(self, trainer: Trainer, pl_module: LightningModule, pl_log: bool = True) -> None:
         """No-grad passes over ``fit_on`` in eval mode: one per layer when ``sequential``."""
@@ -398,7 +414,7 @@ class ConceptErasure(Callback):
             for group in groups:
                 self._collect = dict.fromkeys(group)
                 self._probe_rows = {}
-                show = self.progress and trainer.is_global_zero
+                show = show_progress(self.progress, trainer)
                 desc = f"ConceptErasure: fitting {', '.join(group)}"
                 with extra_pass(self, pl_module), torch.no_grad():
                     for i, batch in enumerate(
@@ -419,7 +435,8 @@ class ConceptErasure(Callback):
 
     def _forward(self, pl_module: LightningModule, batch: Any) -> Any:
         """A fitting pass's forward (``forward_fn`` or ``module(inputs)``), with a clear error."""
-        fn = self.forward_fn or (lambda m, b: default_forward(m, b, [self.concept]))
+        skip = [self.concept, self.index_key, self.label_key]
+        fn = self.forward_fn or (lambda m, b: default_forward(m, b, skip))
         return checked_forward(fn, pl_module, batch, "ConceptErasure")
 
     def _merge_ranks(
@@ -512,7 +529,7 @@ class ConceptErasure(Callback):
         x = torch.cat([r for r, _ in rows])
         z = torch.cat([c for _, c in rows])
         erased = eraser.to(device="cpu", dtype=x.dtype)(x)
-        out = {"edit_norm": float((x - erased).square().sum(dim=1).mean())}
+        out = {"edit_norm": float(edit_norm(x, erased))}
         if z.ndim == 1 and not z.is_floating_point():
             before, majority = probe_accuracy(x, z)
             after, _ = probe_accuracy(erased, z)

@@ -1,5 +1,6 @@
 """InfluenceAnalysis: influence functions at the end of training (exact, CG, Arnoldi, K-FAC,
-EK-FAC), or on demand for a trained model with :meth:`InfluenceAnalysis.run`.
+EK-FAC and the other methods of :data:`lightning_memo.influence.registry.METHODS`), or on demand
+for a trained model with :meth:`InfluenceAnalysis.run`.
 
 score(q, z) = grad l(q)^T (H + damping I)^{-1} grad l(z): positive = proponent. The formulas live
 in :mod:`lightning_memo.influence.methods`; this file decides which data, which ranks, which files.
@@ -17,31 +18,59 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..capture import extra_pass, resolve_layers
+from ..capture import extra_pass, layers_key, resolve_layers, resolve_parameters
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, world_size
 from ..influence.features import GradientFeaturizer
-from ..influence.grads import SUPPORTED_LAYERS
-from ..influence.methods import KFACInfluence, param_checksum, query_matrix, train_pass
-from ..influence.registry import HESSIAN_METHODS, METHODS, make_method
+from ..influence.grads import select_parameters
+from ..influence.methods import (
+    FitContext,
+    InfluenceMethod,
+    check_damping,
+    param_checksum,
+    query_matrix,
+    train_pass,
+)
+from ..influence.registry import (
+    METHODS,
+    check_method,
+    default_layer_types,
+    make_method,
+    method_options,
+)
 from ..influence.tracin import top_k as top_k_of
 from ..io import atomic_torch_save, check_writable, resolve_output_dir
-from .common import RankShard, default_layers, module_per_sample_loss, sequential_loader
+from .common import (
+    RankShard,
+    batch_mask,
+    default_layers,
+    module_per_sample_loss,
+    sequential_loader,
+    show_progress,
+)
 
 __all__ = ["InfluenceAnalysis"]
+
+#: result tensors up to this many entries are kept in ``state_dict`` (else only their shape)
+MAX_STATE_NUMEL = 1_000_000
+#: the callback's settings that go to the methods that take them (see ``method_options``)
+_SHARED_OPTIONS = ("damping", "arnoldi_dim", "arnoldi_k", "fisher", "max_examples", "seed")
 
 
 class InfluenceAnalysis(Callback):
     """Influence of every training sample on queries, self-influence and top-k proponents /
-    opponents, computed when training ends (``on_fit_end``) or with :meth:`run`.
+    opponents, computed when training ends (``on_fit_end``) or with :meth:`run` (influence
+    functions: Koh & Liang, ICML 2017; the methods' papers are cited in their classes).
 
     Args:
         method: ``"ekfac"``, ``"kfac"``, ``"arnoldi"``, ``"exact"`` (full Hessian, small heads),
             ``"cg"`` (conjugate gradients on Hessian-vector products), ``"relatif"`` (on
             ``relatif_base``), ``"randproj"``, ``"representer"``, ``"representer_lje"``,
             ``"boundary"`` (self-influence only) or ``"gex"``.
-        layers: layer names / globs / modules (default: every trainable ``nn.Linear``, plus
-            ``nn.Conv2d`` for K-FAC / EK-FAC).
+        layers: layer names / globs / modules whose parameters are differentiated (default: every
+            trainable ``nn.Linear``, plus ``nn.Conv2d`` for K-FAC / EK-FAC and randproj).
+        parameters: parameter names or globs (e.g. ``["net.4.*"]``) to differentiate instead of
+            whole layers (K-FAC / EK-FAC need every parameter of the layers they touch).
         train: training DataLoader to score (default: the Trainer's, read sequentially).
         queries: query DataLoader with labels (default: the Trainer's validation loader, if any).
         hessian_data: DataLoader for the curvature (default: the first ``max_examples`` training
@@ -50,26 +79,41 @@ class InfluenceAnalysis(Callback):
         arnoldi_dim, arnoldi_k: Krylov iterations and eigenpairs kept (``method="arnoldi"``).
         fisher: ``"true"`` (labels sampled from the model) or ``"empirical"`` (K-FAC / EK-FAC).
         max_examples: samples used to fit the curvature.
-        top_k: proponents / opponents kept per query.
+        top_k: proponents / opponents kept per query (``top_k.csv``, :meth:`top_k_for`).
         loss_fn: ``(module, batch) -> (B,)``; default ``module.per_sample_loss(batch)``.
         output_fn: ``(module, batch) -> logits (B, C)`` for the true Fisher; default
             ``module(inputs)`` with the input accessor.
-        index_key, label_key, input_key: batch accessors (see ``lightning_memo.data``).
-        image_shape: reshape flat inputs for image grids; n_show: queries drawn.
+        index_key, label_key, input_key: batch accessors (see ``lightning_memo.data``);
+            ``label_key`` also reads the query batches.
+        mask_key: dict key of the padding mask of token batches (K-FAC statistics per token).
+        image_shape: reshape flat inputs for image grids.
+        n_show: queries drawn in the TensorBoard image grid (or listed in its text table).
         output_dir: result folder (default ``<log_dir>/lightning_memo/influence``).
         cache: reuse saved factors / scores when the configuration and the weights are unchanged.
         run_on_fit_end: run automatically when ``trainer.fit`` ends.
-        progress: progress bars; seed: Arnoldi start vector, Fisher label sampling,
-            projections, ensembles.
+        progress: progress bars; ``None`` follows the Trainer (``enable_progress_bar``).
+        seed: Arnoldi start vector, Fisher label sampling, projections, ensembles.
         relatif_base: the curvature under ``method="relatif"``.
-        method_kwargs: options of the methods without a Hessian (e.g. ``{"num_ens": 8}`` for
-            gex, ``{"projection_dim": 1024}`` for randproj, ``{"l2": 1e-3}`` for representer).
+        method_kwargs: further options of the method (e.g. ``{"num_ens": 8}`` for gex,
+            ``{"projection_dim": 1024}`` for randproj, ``{"l2": 1e-3}`` for representer); an
+            option the method does not take is an error naming its options.
+
+    Attributes (after a run):
+        self_influence: (N,) float64, by sample index.
+        hinv_norm: (N,) float64 ``||(H + lambda I)^{-1} g||`` (NaN without a Hessian).
+        scores: (n_query, N) influence of each training sample on each query, or ``None``.
+        labels: (N,) int64 training labels (-1 where a batch had none).
+        estimator: the fitted :class:`~lightning_memo.influence.methods.InfluenceMethod`.
+        config: the resolved configuration of the run (the cache key, saved as config.json).
+        reused: ``{"factors": bool, "scores": bool}``; out_dir: the result folder.
     """
 
     def __init__(
         self,
         method: str = "ekfac",
+        *,
         layers: Any = None,
+        parameters: Optional[Sequence[str]] = None,
         train: Any = None,
         queries: Any = None,
         hessian_data: Any = None,
@@ -84,12 +128,13 @@ class InfluenceAnalysis(Callback):
         index_key: Accessor = None,
         label_key: Accessor = None,
         input_key: Accessor = None,
+        mask_key: Optional[str] = "attention_mask",
         image_shape: Optional[Sequence[int]] = None,
         n_show: int = 4,
         output_dir: Optional[str] = None,
         cache: bool = True,
         run_on_fit_end: bool = True,
-        progress: bool = True,
+        progress: Optional[bool] = None,
         seed: int = 0,
         relatif_base: str = "ekfac",
         method_kwargs: Optional[Dict[str, Any]] = None,
@@ -97,33 +142,29 @@ class InfluenceAnalysis(Callback):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method={method!r}: use one of {list(METHODS)}.")
-        if method == "relatif" and relatif_base not in HESSIAN_METHODS:
-            raise ValueError(
-                f"relatif_base={relatif_base!r}: RelatIF needs a Hessian; use one of "
-                f"{list(HESSIAN_METHODS)}."
-            )
-        self.relatif_base = relatif_base
-        self.method_kwargs = dict(method_kwargs or {})
+        if layers is not None and parameters is not None:
+            raise ValueError("Pass layers= or parameters=, not both.")
+        if isinstance(parameters, str):
+            parameters = [parameters]
         if max_examples < 1:
             raise ValueError(f"max_examples={max_examples}: use a positive number of samples.")
-        # validates damping, arnoldi_dim / arnoldi_k and the methods' options now rather than
-        # after training
-        if method == "arnoldi":
-            make_method(method, {}, damping, arnoldi_dim, arnoldi_k)
-        elif damping is not None:
-            make_method("exact", {}, damping)
-        if method not in HESSIAN_METHODS + ("relatif",):
-            make_method(method, {}, seed=seed, **(method_kwargs or {}))
+        check_damping(damping)  # every method: a typo fails now, not after training
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher={fisher!r}: use 'true' or 'empirical'.")
         self.method, self.layers, self.damping = method, layers, damping
+        self.parameters = list(parameters) if parameters is not None else None
         self.train, self.queries, self.hessian_data = train, queries, hessian_data
         self.arnoldi_dim, self.arnoldi_k, self.fisher = arnoldi_dim, arnoldi_k, fisher
         self.max_examples, self.top_k, self.seed = int(max_examples), int(top_k), int(seed)
+        self.relatif_base = relatif_base
+        self.method_kwargs = dict(method_kwargs or {})
+        check_method(method, **self._method_options())  # names and values of every option
         self.loss_fn, self.output_fn = loss_fn, output_fn
+        self.index_key, self.label_key, self.input_key = index_key, label_key, input_key
         self._get_index = make_accessor(index_key, "index")
         self._get_label = make_accessor(label_key, "label")
         self._get_input = make_accessor(input_key, "input")
+        self.mask_key = mask_key
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.n_show, self.output_dir, self.cache = n_show, output_dir, cache
         self.run_on_fit_end, self.progress = run_on_fit_end, progress
@@ -131,11 +172,63 @@ class InfluenceAnalysis(Callback):
         self.self_influence: Optional[torch.Tensor] = None  # (N,) float64
         self.hinv_norm: Optional[torch.Tensor] = None  # (N,) ||(H + lambda)^-1 g||: RelatIF
         self.scores: Optional[torch.Tensor] = None  # (n_query, N)
-        self.labels: Optional[torch.Tensor] = None
-        self.estimator: Any = None
+        self.labels: Optional[torch.Tensor] = None  # (N,) int64
+        self.config: Optional[Dict[str, Any]] = None
+        self.estimator: Optional[InfluenceMethod] = None
         self.reused: Dict[str, bool] = {"factors": False, "scores": False}
         self.out_dir: Optional[str] = None
         self._ctx: Optional[Dict[str, Any]] = None  # what group_influence needs after run()
+
+    def _method_options(self) -> Dict[str, Any]:
+        """The options the method gets: the callback's shared settings that it takes (e.g.
+        ``arnoldi_k`` only for Arnoldi), then ``method_kwargs`` (checked by the registry)."""
+        relatif = self.method == "relatif"
+        accepted = method_options(self.method, self.relatif_base if relatif else None)
+        opts = {k: getattr(self, k) for k in _SHARED_OPTIONS if k in accepted}
+        if relatif:
+            opts["relatif_base"] = self.relatif_base
+        return {**opts, **self.method_kwargs}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            method=self.method,
+            layers=layers_key(self.layers if self.parameters is None else self.parameters),
+            output_dir=self.output_dir,
+        )
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What the analysis computed: method, configuration, whether it ran, the shapes of the
+        results and the result tensors themselves up to ``MAX_STATE_NUMEL`` entries each."""
+        results = {
+            "self_influence": self.self_influence,
+            "hinv_norm": self.hinv_norm,
+            "scores": self.scores,
+            "labels": self.labels,
+        }
+        results = {k: v for k, v in results.items() if v is not None}
+        return {
+            "version": 1,
+            "method": self.method,
+            "config": self.config,
+            "ran": self.self_influence is not None,
+            "shapes": {k: list(v.shape) for k, v in results.items()},
+            "results": {k: v for k, v in results.items() if v.numel() <= MAX_STATE_NUMEL},
+            "reused": dict(self.reused),
+            "out_dir": self.out_dir,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (missing keys, e.g. of older versions, are skipped)."""
+        for key, val in state.get("results", {}).items():
+            if key in ("self_influence", "hinv_norm", "scores", "labels"):
+                setattr(self, key, val)
+        if state.get("config") is not None:
+            self.config = dict(state["config"])
+        self.reused = dict(state.get("reused", self.reused))
+        if state.get("out_dir") and self.out_dir is None:
+            self.out_dir = state["out_dir"]
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -151,7 +244,7 @@ class InfluenceAnalysis(Callback):
     def run(
         self, trainer: Trainer, model: LightningModule, train: Any = None, queries: Any = None
     ) -> InfluenceAnalysis:
-        """Fit the curvature, then self-influence, scores and top-k for ``model`` as it is now.
+        """Fit the method, then self-influence, scores and top-k for ``model`` as it is now.
 
         Call it on every rank under DDP. ``train`` / ``queries`` override the constructor's.
         """
@@ -176,30 +269,33 @@ class InfluenceAnalysis(Callback):
                 "InfluenceAnalysis needs a map-style training dataset wrapped with IndexedDataset."
             )
         n = len(ds)
-        modules = self._modules(model)
-        feats = GradientFeaturizer(modules, projection_dim=None, factored=False, owner=self)
+        modules, params = self._targets(model)
+        feats = GradientFeaturizer(
+            modules, projection_dim=None, factored=False, params=params, owner=self
+        )
         loss = self.loss_fn or module_per_sample_loss
-        show = self.progress and trainer.is_global_zero
+        show = show_progress(self.progress, trainer)
 
-        def bar(desc: str) -> Optional[Callable[[Iterable[Any]], Iterable[Any]]]:
+        def bar(desc: str) -> Callable[[Iterable[Any]], Iterable[Any]]:
             from tqdm.auto import tqdm
 
             return lambda it: tqdm(it, desc=f"Influence ({self.method}): {desc}", leave=False,
                                    disable=not show)  # fmt: skip
 
+        uses_gradients = True
+
         def grad_fn(batch: Any) -> Any:
             batch = trainer.strategy.batch_to_device(batch)
-            if not self._uses_gradients:
+            if not uses_gradients:
                 return batch
             return {k: v.detach() for k, v in feats.grad_dict(model, batch, loss).items()}
 
         config = self._config(modules, feats, n)
-        self._uses_gradients = True
         with extra_pass(self, model):
             est = self._fit(trainer, model, modules, feats, loss, train, config, bar)
             est.check_model(feats.params)
             self.estimator = est
-            self._uses_gradients = est.uses_gradients
+            uses_gradients = est.uses_gradients
             q_rows = None
             if queries is not None and est.has_scores:
                 self._check_query_labels(queries)
@@ -227,22 +323,26 @@ class InfluenceAnalysis(Callback):
             self.hinv_norm = cached["hinv_norm"]
             self.scores = cached.get("scores")
         self.labels = self._labels(train, n)
+        self.config = config
         if trainer.is_global_zero:
             self._write(trainer, config, train, queries)
         return self
 
     # ------------------------------------------------------------------ pieces
-    def _modules(self, model: nn.Module) -> Dict[str, nn.Module]:
-        kfac = self.method in ("kfac", "ekfac") or (
-            self.method == "relatif" and self.relatif_base in ("kfac", "ekfac")
-        )
-        kinds = SUPPORTED_LAYERS if kfac or self.method == "randproj" else (nn.Linear,)
+    def _targets(self, model: nn.Module) -> tuple:
+        """``(modules, params)``: the layers and (with ``parameters=``) the parameters
+        differentiated; ``params`` is ``None`` for whole layers."""
+        if self.parameters is not None:
+            params = select_parameters(model, resolve_parameters(model, self.parameters))
+            owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in params}
+            return {n: model.get_submodule(n) for n in sorted(owners)}, params
         if self.layers is None:
-            return default_layers(model, kinds)
-        return resolve_layers(model, self.layers)
+            kinds = default_layer_types(self.method, self.relatif_base)
+            return default_layers(model, kinds), None
+        return resolve_layers(model, self.layers), None
 
     def _config(self, modules: Dict[str, nn.Module], feats: GradientFeaturizer, n: int) -> dict:
-        return {
+        config = {
             "method": self.method,
             "layers": _layers_used(self.method, modules),
             "damping": self.damping,
@@ -257,10 +357,14 @@ class InfluenceAnalysis(Callback):
             "num_parameters": feats.total,
             "checksum": param_checksum(feats.params),
         }
+        if self.parameters is not None:
+            config["parameters"] = list(feats.params)
+        return config
 
     def _hessian_loader(self, trainer: Trainer, train: Any, shard: bool) -> Any:
         """The curvature data: ``hessian_data`` or the first ``max_examples`` training samples;
-        sharded over ranks for K-FAC (sum statistics), whole on every rank otherwise."""
+        split over ranks when the method's statistics sum (``fit_shardable``), whole on every
+        rank otherwise."""
         src = self.hessian_data if self.hessian_data is not None else train
         ds = src.dataset
         keep = list(range(min(len(ds), self.max_examples)))
@@ -276,50 +380,48 @@ class InfluenceAnalysis(Callback):
             collate_fn=src.collate_fn,
         )
 
-    def _fit(self, trainer, model, modules, feats, loss, train, config, bar):
-        est = make_method(
-            self.method,
-            modules,
-            self.damping,
-            self.arnoldi_dim,
-            self.arnoldi_k,
-            self.fisher,
-            self.max_examples,
-            self.seed,
-            relatif_base=self.relatif_base,
-            **self.method_kwargs,
-        )
+    def _fit(self, trainer, model, modules, feats, loss, train, config, bar) -> InfluenceMethod:
+        est = make_method(self.method, modules, **self._method_options())
+        if self.parameters is not None and est.whole_layers:
+            _check_whole_layers(self.method, modules, feats.params)
         path = os.path.join(self.out_dir, "factors.pt")
         if self.cache and est.cacheable and os.path.exists(path):
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+            saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors, dicts
             if saved.get("config") == config:
                 est.load_state_dict(saved["state"])
                 self.reused["factors"] = True
                 return est
-        base = getattr(est, "base", est)  # RelatIF wraps a curvature method
-        is_kfac = isinstance(base, KFACInfluence)
         if est.fit_data == "train":  # e.g. a last-layer refit: every rank sees all samples
             data = DataLoader(
                 train.dataset, batch_size=train.batch_size or 64, collate_fn=train.collate_fn
             )
         else:
-            data = self._hessian_loader(trainer, train, shard=is_kfac)
-        device_data = _OnDevice(data, trainer.strategy)
-        kw: Dict[str, Any] = {"progress": bar("fitting the curvature")}
-        if is_kfac:
-            kw["output_fn"] = self.output_fn or self._default_output
-            kw["mask_fn"] = _attention_mask
-            if world_size(trainer.strategy) > 1:
-                kw["reduce"] = lambda stats: {
-                    k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in stats.items()
-                }
-        est.fit(model, feats.params, loss, device_data, **kw)
+            data = self._hessian_loader(trainer, train, shard=est.fit_shardable)
+        sharded = est.fit_shardable and world_size(trainer.strategy) > 1
+
+        def reduce(stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in stats.items()}
+
+        context = FitContext(
+            output_fn=self.output_fn or self._default_output,
+            mask_fn=self._mask,
+            reduce=reduce if sharded else None,
+            progress=bar("fitting the curvature"),
+            input_fn=self._get_input,
+            label_fn=lambda b: get_labels(b, self._get_label),
+            index_fn=self._get_index,
+        )
+        est.fit(model, feats.params, loss, _OnDevice(data, trainer.strategy), context)
         if trainer.is_global_zero and est.cacheable:
             atomic_torch_save({"config": config, "state": est.state_dict()}, path)
         return est
 
     def _default_output(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return model(self._get_input(batch))
+
+    def _mask(self, batch: Any) -> Optional[torch.Tensor]:
+        """The padding mask of a dict batch (``mask_key``), for token-level statistics."""
+        return batch_mask(batch, self.mask_key)
 
     def _check_query_labels(self, queries: Any) -> None:
         for batch in queries:
@@ -363,7 +465,7 @@ class InfluenceAnalysis(Callback):
         path = os.path.join(self.out_dir, "scores.pt")
         if not (self.cache and os.path.exists(path)):
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors, dicts
         want, got = self._query_key(q_rows), saved.get("queries")
         if saved.get("config") != config or (want is None) != (got is None):
             return None
@@ -480,9 +582,22 @@ def _layers_used(method: str, modules: Dict[str, nn.Module]) -> Any:
     return list(modules)
 
 
-def _attention_mask(batch: Any) -> Optional[torch.Tensor]:
-    """The padding mask of a dict batch (key ``attention_mask``), for token-level statistics."""
-    return batch.get("attention_mask") if isinstance(batch, dict) else None
+def _check_whole_layers(
+    method: str, modules: Dict[str, nn.Module], params: Dict[str, torch.Tensor]
+) -> None:
+    """Methods that factor whole layers (K-FAC, EK-FAC): ``parameters=`` must select every
+    trainable parameter of each layer it touches."""
+    chosen = {id(p) for p in params.values()}
+    for name, mod in modules.items():
+        own = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        missing = [f"{name}.{pn}" for pn, p in own if id(p) not in chosen]
+        if missing:
+            raise ValueError(
+                f"method={method!r} factors whole layers, but parameters= selects only part of "
+                f"layer {name!r} (missing {missing}). Select all of its parameters (e.g. "
+                f"'{name}.*'), use layers=, or use method='arnoldi' / 'exact' for single "
+                "parameters."
+            )
 
 
 class _OnDevice:

@@ -52,7 +52,7 @@ def write_report(analysis: Any, trainer: Any, config: dict, train: Any, queries:
         os.path.join(out, "config.json"),
         {
             **config,
-            "damping_used": _damping_used(est),
+            "damping_used": est.damping_used(),
             "num_query": None if analysis.scores is None else int(analysis.scores.shape[0]),
             "reused": dict(analysis.reused),
         },
@@ -69,15 +69,6 @@ def write_report(analysis: Any, trainer: Any, config: dict, train: Any, queries:
         writer.add_image(f"influence/{analysis.method}/proponents_opponents", grid, step)
     else:
         writer.add_text(f"influence/{analysis.method}/top_k", _table(rows, analysis.n_show), step)
-
-
-def _damping_used(est: Any) -> Any:
-    """The damping each method ended up with (K-FAC: per layer when chosen by the heuristic)."""
-    base = getattr(est, "base", est)
-    kfac = getattr(base, "kfac", None)
-    if getattr(base, "damping", None) is None and kfac is not None:
-        return {name: float(kfac.layer_damping(name)) for name in base.modules}
-    return getattr(base, "damping", None)
 
 
 def _table(rows: List[list], n_show: int) -> str:

@@ -7,11 +7,11 @@ formulas live in :mod:`lightning_memo.psmi`, hooks in :mod:`lightning_memo.captu
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -36,13 +36,16 @@ from ..io import (
     tensorboard_writer,
 )
 from ..psmi import PSMI
+from ..signals import loss_and_margin
 from ..viz import dataset_grid
 from .common import (
+    batch_mask,
     checked_forward,
     dataset_size,
     default_forward,
     resumed_output_dir,
     sequential_loader,
+    show_progress,
 )
 
 __all__ = ["MemorizationMonitor"]
@@ -59,6 +62,9 @@ class MemorizationMonitor(Callback):
     histograms and the lowest-PSMI inputs, writes ``epoch_<E>.csv`` and flags samples that stay
     below ``warn_below`` for ``patience`` evaluations.
 
+    Results after ``fit``: :meth:`scores_at` (an epoch's ``(N,)`` PSMI on one layer),
+    :attr:`epochs`, :attr:`flagged`, :attr:`labels` / :attr:`labels_seen`, ``history``.
+
     Args:
         layers: layer names (globs allowed) or modules whose outputs are scored.
         every_n_epochs: evaluate every n-th epoch (epochs n-1, 2n-1, ...).
@@ -68,14 +74,17 @@ class MemorizationMonitor(Callback):
             ``"last"``, ``"first"``, ``"flatten"`` or a callable.
         n_estimators: PSMI directions (``"auto"`` allowed).
         seed: seed of the PSMI directions (combined with the epoch and layer).
-        index_key, label_key, input_key: how to read indices, labels and inputs from a batch
-            (dict key, tuple position or callable); defaults in :mod:`lightning_memo.data`.
+        index_key, label_key: how to read indices and labels from a batch (dict key, tuple
+            position or callable); defaults in :mod:`lightning_memo.data`.
+        input_key: how to read the input from a dataset item, for the image grid.
         mask_key: dict key of the attention mask used by pooling (ignored when absent).
         warn_below: PSMI threshold of the early warning (0: less information than chance).
         patience: consecutive evaluations below ``warn_below`` before a sample is flagged.
         on_flag: called on every rank with the newly flagged indices ``(k,)`` (numpy).
         stop_on_flag: stop training (all ranks together) when samples get flagged.
-        top_k: number of lowest-PSMI inputs shown in TensorBoard.
+        n_show: number of lowest-PSMI inputs shown in TensorBoard (0: none).
+        top_k: deprecated name of ``n_show`` (a ``DeprecationWarning``; removed in the next
+            release).
         flag_layer: layer whose PSMI drives the warning (default: the last resolved layer).
         output_dir: folder of the result files (default ``<log_dir>/lightning_memo/memorization``).
         image_shape: reshape flat inputs to this image shape for the grid (e.g. ``(8, 8)``).
@@ -84,12 +93,14 @@ class MemorizationMonitor(Callback):
         feature_dtype: dtype of the feature buffers (CPU).
         psmi_kwargs: more arguments of :class:`~lightning_memo.PSMI` (e.g. ``dtype``,
             ``directions``, ``memory_budget_mb``).
-        progress: show a progress bar on the ``"eval"`` pass.
+        progress: progress bar on the ``"eval"`` pass; ``None`` follows the Trainer
+            (``enable_progress_bar``).
     """
 
     def __init__(
         self,
         layers: LayerSpec,
+        *,
         every_n_epochs: int = 1,
         source: str = "train",
         pooling: Pooling = "mean",
@@ -103,7 +114,7 @@ class MemorizationMonitor(Callback):
         patience: int = 2,
         on_flag: Optional[Callable[[np.ndarray], None]] = None,
         stop_on_flag: bool = False,
-        top_k: int = 16,
+        n_show: int = 16,
         flag_layer: Optional[str] = None,
         output_dir: Optional[str] = None,
         image_shape: Optional[Sequence[int]] = None,
@@ -111,9 +122,23 @@ class MemorizationMonitor(Callback):
         num_samples: Optional[int] = None,
         feature_dtype: torch.dtype = torch.float32,
         psmi_kwargs: Optional[Dict[str, Any]] = None,
-        progress: bool = True,
+        progress: Optional[bool] = None,
+        top_k: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if top_k is not None:
+            if n_show != 16:
+                raise ValueError(
+                    f"top_k={top_k!r} and n_show={n_show!r}: pass n_show= only (top_k= is its "
+                    "deprecated name)."
+                )
+            warnings.warn(
+                "MemorizationMonitor(top_k=) is deprecated and will be removed in the next "
+                "release: pass n_show= (the number of lowest-PSMI inputs shown in TensorBoard).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            n_show = top_k
         if isinstance(layers, (list, tuple)) and not layers:
             raise ValueError("layers=[] is empty: name at least one layer to monitor.")
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -122,8 +147,8 @@ class MemorizationMonitor(Callback):
             raise ValueError(f"source={source!r}: use 'train' or 'eval'.")
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience={patience!r}: use an integer >= 1.")
-        if top_k < 0:
-            raise ValueError(f"top_k={top_k!r}: use an integer >= 0.")
+        if n_show < 0:
+            raise ValueError(f"n_show={n_show!r}: use an integer >= 0.")
         if on_flag is not None and not callable(on_flag):
             raise ValueError("on_flag must be a callable taking the newly flagged indices.")
         if num_samples is not None and num_samples < 1:
@@ -157,7 +182,7 @@ class MemorizationMonitor(Callback):
         self.patience = patience
         self.on_flag = on_flag
         self.stop_on_flag = stop_on_flag
-        self.top_k = int(top_k)
+        self.n_show = int(n_show)
         self.flag_layer = flag_layer
         self.output_dir = output_dir
         self.image_shape = tuple(image_shape) if image_shape is not None else None
@@ -174,8 +199,10 @@ class MemorizationMonitor(Callback):
         self.capture: Optional[FeatureCapture] = None
         self.out_dir: Optional[str] = None
         self._pending_state: Optional[Dict[str, Any]] = None
-        self._labels: Optional[torch.Tensor] = None  # (N,) class ids (any integers)
+        self._labels: Optional[torch.Tensor] = None  # (N,) class ids (any integers), this rank
         self._label_seen: Optional[torch.Tensor] = None  # (N,) bool: label read at least once
+        self._all_labels: Optional[torch.Tensor] = None  # (N,) all ranks, at the last evaluation
+        self._all_seen: Optional[torch.Tensor] = None
         self._loss: Optional[torch.Tensor] = None
         self._margin: Optional[torch.Tensor] = None
         self._logit_handle: Any = None
@@ -199,6 +226,60 @@ class MemorizationMonitor(Callback):
         if self.flagged_epoch is None:
             return np.zeros(0, dtype=np.int64)
         return torch.nonzero(self.flagged_epoch >= 0).flatten().numpy()
+
+    @property
+    def top_k(self) -> int:
+        """Deprecated name of :attr:`n_show`."""
+        warnings.warn(
+            "MemorizationMonitor.top_k is deprecated: use n_show.", DeprecationWarning, stacklevel=2
+        )
+        return self.n_show
+
+    # ------------------------------------------------------------------ results
+    @property
+    def epochs(self) -> List[int]:
+        """The evaluated epochs (0-based) with scores in this process, ascending."""
+        return sorted(self.scores)
+
+    def scores_at(self, epoch: int, layer: Optional[str] = None) -> np.ndarray:
+        """PSMI of every training sample at the end of one evaluated epoch.
+
+        Args:
+            epoch: a 0-based epoch of :attr:`epochs`.
+            layer: a resolved layer name (``config.json`` -> ``layers``); default: the flag layer.
+
+        Returns:
+            (N,) float64, the PSMI mean over directions; NaN where the sample was not scored
+            (never seen that epoch, NaN/inf features, a class with one sample). A copy.
+
+        Raises:
+            KeyError: ``epoch`` was not evaluated in this process.
+            ValueError: ``layer`` is not a monitored layer.
+        """
+        if epoch not in self.scores:
+            raise KeyError(
+                f"MemorizationMonitor has no scores for epoch {epoch}; evaluated epochs in this "
+                f"process: {self.epochs} (every_n_epochs={self.every_n_epochs}; epochs of a run "
+                "resumed from a checkpoint are in its epoch_<E>.csv files)."
+            )
+        per_layer = self.scores[epoch]
+        name = self._flag_layer() if layer is None else layer
+        if name not in per_layer:
+            raise ValueError(
+                f"layer={layer!r} is not one of the monitored layers {list(per_layer)}."
+            )
+        return per_layer[name].copy()
+
+    @property
+    def labels(self) -> Optional[torch.Tensor]:
+        """(N,) int64 labels read from the training batches (all ranks), as of the last
+        evaluation; 0 where never read (see :attr:`labels_seen`). ``None`` before one."""
+        return self._all_labels
+
+    @property
+    def labels_seen(self) -> Optional[torch.Tensor]:
+        """(N,) bool: the label of the sample was read (on some rank) by the last evaluation."""
+        return self._all_seen
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -311,7 +392,7 @@ class MemorizationMonitor(Callback):
                 f"The batch has {idx.shape[0]} indices but {lab.shape[0]} labels; index_key= and "
                 "label_key= must read one value per sample."
             )
-        mask = batch.get(self.mask_key) if isinstance(batch, dict) and self.mask_key else None
+        mask = batch_mask(batch, self.mask_key)
         self._labels[idx.cpu()] = lab.cpu()
         self._label_seen[idx.cpu()] = True
         return idx, lab, mask
@@ -352,13 +433,8 @@ class MemorizationMonitor(Callback):
         if not self._logits_checked:
             return
         with torch.no_grad():
-            logits = out.detach().float()
-            lab = lab.to(logits.device)
-            loss = F.cross_entropy(logits, lab, reduction="none")
-            own = logits.gather(1, lab[:, None]).squeeze(1)
-            top = logits.topk(2, dim=1)
-            other = torch.where(top.indices[:, 0] == lab, top.values[:, 1], top.values[:, 0])
-            both = torch.stack([loss, own - other], dim=1).cpu().double()
+            loss, margin = loss_and_margin(out.detach().float(), lab)
+            both = torch.stack([loss, margin], dim=1).cpu().double()
             cpu_idx = idx.cpu()
             self._loss[cpu_idx] = both[:, 0]
             self._margin[cpu_idx] = both[:, 1]
@@ -368,12 +444,15 @@ class MemorizationMonitor(Callback):
         invisible to the other callbacks, every module's own train/eval mode restored after."""
         from tqdm.auto import tqdm
 
-        show = self.progress and trainer.is_global_zero
+        show = show_progress(self.progress, trainer)
         loader = sequential_loader(trainer)
-        bar = tqdm(loader, desc="MemorizationMonitor: eval pass", leave=False, disable=not show)
         self.capture.attach()
         try:
             with extra_pass(self, pl_module), torch.no_grad():
+                # built inside: iter(loader) draws the DataLoader's base seed from the global RNG
+                bar = tqdm(
+                    loader, desc="MemorizationMonitor: eval pass", leave=False, disable=not show
+                )
                 with trainer.precision_plugin.forward_context():
                     for batch in bar:
                         idx, lab, mask = self._read_batch(trainer, batch)
@@ -402,6 +481,7 @@ class MemorizationMonitor(Callback):
             self.capture.reset()
             self._eval_pass(trainer, pl_module)
         labels, known, loss, margin = self._gather_meta(trainer)
+        self._all_labels, self._all_seen = labels, known
         self._warn_repeated(trainer, epoch)
         scores: Dict[str, np.ndarray] = {}
         stds: Dict[str, np.ndarray] = {}
@@ -632,10 +712,10 @@ class MemorizationMonitor(Callback):
     def _log_lowest(
         self, trainer: Trainer, writer: Any, score: np.ndarray, labels: torch.Tensor, step: int
     ) -> None:
-        if self.top_k == 0:
+        if self.n_show == 0:
             return
         valid = np.nonzero(~np.isnan(score))[0]
-        lowest = valid[np.argsort(score[valid], kind="stable")[: self.top_k]]
+        lowest = valid[np.argsort(score[valid], kind="stable")[: self.n_show]]
         rows = ["| index | label | PSMI |", "|---|---|---|"]
         rows += [f"| {i} | {int(labels[i])} | {score[i]:.4f} |" for i in lowest]
         tag = f"memo/{self._flag_layer()}/lowest_psmi"

@@ -18,12 +18,18 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..capture import extra_pass, layers_key, resolve_layers
+from ..capture import extra_pass, layers_key, resolve_layers, resolve_parameters
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, gather_stats, world_size
 from ..influence.features import GradientFeaturizer
 from ..influence.grads import select_parameters
-from ..influence.tracin import GradientStore, top_k, tracin_scores, tracin_self_influence
+from ..influence.tracin import (
+    GradientStore,
+    loss_reduction_scale,
+    top_k,
+    tracin_scores,
+    tracin_self_influence,
+)
 from ..io import (
     atomic_torch_save,
     atomic_write_csv,
@@ -33,7 +39,13 @@ from ..io import (
     tensorboard_writer,
 )
 from ..viz import dataset_grid
-from .common import default_layers, module_per_sample_loss, resumed_output_dir, sequential_loader
+from .common import (
+    default_layers,
+    module_per_sample_loss,
+    resumed_output_dir,
+    sequential_loader,
+    show_progress,
+)
 
 __all__ = ["TracIn"]
 
@@ -42,6 +54,9 @@ MODES = ("checkpoints", "online")
 
 class TracIn(Callback):
     """TracIn self-influence and train -> query influence, collected during training.
+
+    Results after ``fit``: :attr:`self_influence` ``(N,)``, :attr:`scores` ``(n_query, N)``,
+    :meth:`top_k_for`, :attr:`labels` / :attr:`labels_seen` ``(N,)``.
 
     Args:
         layers: layer names/globs or modules whose parameters are differentiated (default: every
@@ -62,15 +77,21 @@ class TracIn(Callback):
         seed: projection seed.
         store_dtype: dtype of the gradient store; ``store_on_disk``: memory-map it under the output
             folder instead of RAM.
-        index_key, label_key, input_key: batch accessors (see ``lightning_memo.data``).
+        index_key, label_key: batch accessors (see ``lightning_memo.data``); ``label_key`` also
+            reads the query batches.
+        input_key: reads the input of a dataset item, for the image grid.
+        mask_key: accepted so every callback takes the same accessors; TracIn does not read it
+            (the per-sample loss receives the whole batch, attention mask included).
         image_shape: reshape flat inputs for image grids.
         output_dir: folder of the result files.
-        progress: progress bars on checkpoint passes.
+        progress: progress bars on checkpoint passes; ``None`` follows the Trainer
+            (``enable_progress_bar``).
     """
 
     def __init__(
         self,
         layers: Any = None,
+        *,
         parameters: Optional[Sequence[str]] = None,
         projection_dim: Optional[int] = 1024,
         mode: str = "checkpoints",
@@ -87,9 +108,10 @@ class TracIn(Callback):
         index_key: Accessor = None,
         label_key: Accessor = None,
         input_key: Accessor = None,
+        mask_key: Optional[str] = "attention_mask",
         image_shape: Optional[Sequence[int]] = None,
         output_dir: Optional[str] = None,
-        progress: bool = True,
+        progress: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -122,6 +144,7 @@ class TracIn(Callback):
         self._get_index = make_accessor(index_key, "index")
         self._get_label = make_accessor(label_key, "label")
         self._get_input = make_accessor(input_key, "input")
+        self.mask_key = mask_key
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.output_dir, self.progress = output_dir, progress
         # state
@@ -195,7 +218,7 @@ class TracIn(Callback):
             return
         params = None
         if self.parameters is not None:
-            params = select_parameters(pl_module, _expand_globs(pl_module, self.parameters))
+            params = select_parameters(pl_module, resolve_parameters(pl_module, self.parameters))
             owners = {n.rsplit(".", 1)[0] if "." in n else "" for n in params}
             modules = {n: pl_module.get_submodule(n) for n in sorted(owners)}
         elif self.layers is None:
@@ -297,7 +320,7 @@ class TracIn(Callback):
         if set(cap.grads) != set(self.features.modules):
             return  # a layer unused in this step
         self.features.set_learning_rates(self._lrs(trainer))
-        scale = float(self._batch_idx.shape[0]) if self.loss_reduction == "mean" else 1.0
+        scale = loss_reduction_scale(self._batch_idx.shape[0], self.loss_reduction)
         feats = self.features.from_linear_io(dict(cap.inputs), dict(cap.grads), scale)
         cap.clear()
         idx, feats = gather_rows(trainer.strategy, self._batch_idx, feats)
@@ -337,7 +360,7 @@ class TracIn(Callback):
         from tqdm.auto import tqdm
 
         idxs, feats = [], []
-        show = self.progress and trainer.is_global_zero
+        show = show_progress(self.progress, trainer)
         with extra_pass(self, pl_module):
             for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
                 idxs.append(get_indices(batch, self._get_index, None, check_duplicates=False))
@@ -370,23 +393,52 @@ class TracIn(Callback):
 
     # ------------------------------------------------------------------ results
     @property
-    def self_influence(self) -> torch.Tensor:
-        """TracIn self-influence of every training sample: (N,) float64."""
+    def self_influence(self) -> Optional[torch.Tensor]:
+        """TracIn self-influence of every training sample: (N,) float64; ``None`` before ``fit``.
+        Checkpoints mode: computed from the store at each access."""
+        if self.store is None:
+            return None
         if self.mode == "online":
             return self._online_self
         return tracin_self_influence(self.store)
 
-    def scores(self) -> torch.Tensor:
-        """Influence of every training sample on each query: (n_query, N)."""
-        if self.queries is None:
-            raise ValueError("TracIn was built without queries=; pass a query DataLoader.")
+    @property
+    def scores(self) -> Optional[torch.Tensor]:
+        """Influence of every training sample on each query: (n_query, N) float32, rows in the
+        query loader's order (positive: proponent); ``None`` without ``queries=`` or before
+        ``fit``. Checkpoints mode: computed from the store at each access, so keep the tensor
+        rather than reading the property in a loop."""
+        if self.queries is None or self.store is None:
+            return None
         if self.mode == "online":
             return self._online_scores
         return tracin_scores(self.store, self.query_grads)
 
+    @property
+    def labels(self) -> Optional[torch.Tensor]:
+        """(N,) int64 labels read from the training batches (merged over ranks at the end of
+        ``fit``); 0 where no label was read: see :attr:`labels_seen`. ``None`` before ``fit``."""
+        return self._labels
+
+    @property
+    def labels_seen(self) -> Optional[torch.Tensor]:
+        """(N,) bool: a label was read for the sample (the result files leave the others empty)."""
+        return self._labels_seen
+
     def top_k_for(self, query_index: int, k: Optional[int] = None) -> Dict[str, np.ndarray]:
-        """Proponents and opponents (training indices and scores) of one query."""
-        row = self.scores()[query_index]
+        """Proponents and opponents (training indices and scores) of one query.
+
+        Raises:
+            ValueError: no scores (built without ``queries=``, or before ``fit``).
+        """
+        scores = self.scores
+        if scores is None:
+            raise ValueError(
+                "TracIn has no scores yet: they are recorded during trainer.fit."
+                if self.queries is not None
+                else "TracIn was built without queries=; pass a query DataLoader."
+            )
+        row = scores[query_index]
         pro, opp = top_k(row, k or self.top_k)
         return {
             "proponents": pro.numpy(),
@@ -427,7 +479,7 @@ class TracIn(Callback):
         )
         if self.queries is not None and self.top_k:
             rows = []
-            scores = self.scores()
+            scores = self.scores
             for q in range(scores.shape[0]):
                 pro, opp = top_k(scores[q], self.top_k)
                 for r, (p, o) in enumerate(zip(pro.tolist(), opp.tolist())):
@@ -478,22 +530,3 @@ class TracIn(Callback):
     ) -> None:
         if self.features is not None and self.features.capture is not None:
             self.features.capture.remove()
-
-
-def _expand_globs(model: nn.Module, patterns: Sequence[str]) -> List[str]:
-    """Parameter names matching each name or glob; an unmatched pattern lists close names."""
-    import difflib
-    import fnmatch
-
-    names = [n for n, _ in model.named_parameters()]
-    out: List[str] = []
-    for pat in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
-        if not hits:
-            close = difflib.get_close_matches(pat, names, n=5, cutoff=0.3)
-            raise ValueError(
-                f"No parameter matches {pat!r}; close names: {close or names[:8]}. Use names from "
-                "model.named_parameters() (globs such as 'head.*' allowed)."
-            )
-        out += [n for n in hits if n not in out]
-    return out

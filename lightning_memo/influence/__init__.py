@@ -1,6 +1,7 @@
 """Per-sample gradients, projections and influence estimators (math core, torch only)."""
 
 from .arnoldi import arnoldi_eigen, arnoldi_embedding, arnoldi_iteration
+from .features import GradientFeaturizer
 from .grads import (
     SUPPORTED_LAYERS,
     LayerGradCapture,
@@ -14,15 +15,21 @@ from .hessian import conjugate_gradient, exact_ggn, exact_hessian, make_hvp, sol
 from .kfac import KFAC, fit_kfac
 from .methods import (
     ArnoldiInfluence,
+    BatchInfluenceMethod,
+    BoundaryInfluence,
     ExactInfluence,
+    FitContext,
+    GeometricEnsembleInfluence,
     InfluenceMethod,
     KFACInfluence,
+    RandProjInfluence,
+    RelatIFInfluence,
+    RepresenterPoints,
     query_matrix,
     train_pass,
 )
 from .projection import DenseProjector, KroneckerProjector, kronecker_dims, random_matrix
-from .registry import METHODS, make_method
-from .relatif import RelatIFInfluence
+from .registry import HESSIAN_METHODS, METHODS, make_method
 from .tracin import (
     GradientStore,
     row_dot,
@@ -34,6 +41,7 @@ from .tracin import (
 
 __all__ = [
     "SUPPORTED_LAYERS",
+    "GradientFeaturizer",
     "LayerGradCapture",
     "layer_dims",
     "arnoldi_eigen",
@@ -47,12 +55,19 @@ __all__ = [
     "KFAC",
     "fit_kfac",
     "InfluenceMethod",
+    "BatchInfluenceMethod",
+    "FitContext",
     "ExactInfluence",
     "ArnoldiInfluence",
     "KFACInfluence",
+    "RelatIFInfluence",
+    "RandProjInfluence",
+    "RepresenterPoints",
+    "BoundaryInfluence",
+    "GeometricEnsembleInfluence",
     "make_method",
     "METHODS",
-    "RelatIFInfluence",
+    "HESSIAN_METHODS",
     "query_matrix",
     "train_pass",
     "LinearGradCapture",

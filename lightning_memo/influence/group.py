@@ -68,7 +68,8 @@ from .hessian import (
     _to_device,
     _unflatten_cols,
 )
-from .methods import ExactInfluence, GradFn, IndexFn, InfluenceMethod, LossFn
+from .methods.base import GradFn, IndexFn, InfluenceMethod, LossFn, entry
+from .methods.exact import ExactInfluence
 
 __all__ = ["groups_from_labels", "check_groups", "group_influence"]
 
@@ -483,7 +484,7 @@ def group_influence(
     total: Optional[torch.Tensor] = None
     tracker = _Tracker(index_fn)
     for batch in _wrap(train_batches, progress):
-        rows = method.train_rows(_ordered(grad_fn(batch), params)).detach()
+        rows = entry(method, "train_rows")(_ordered(grad_fn(batch), params)).detach()
         rows = rows.to(torch.float64).reshape(rows.shape[0], -1)
         if sums is None:
             sums = rows.new_zeros(n_groups, rows.shape[1])
@@ -569,10 +570,8 @@ def _query_rows(
     progress: Optional[Callable] = None,
 ) -> torch.Tensor:
     """(n_query, k) preconditioned query rows (gradients reordered to ``params`` if given)."""
-    rows = [
-        method.query_rows(_ordered(grad_fn(b), params)).detach()
-        for b in _wrap(query_batches, progress)
-    ]
+    rows_of = entry(method, "query_rows")
+    rows = [rows_of(_ordered(grad_fn(b), params)).detach() for b in _wrap(query_batches, progress)]
     if not rows:
         raise ValueError("query_batches is empty: pass at least one query sample.")
     return torch.cat([r.reshape(r.shape[0], -1) for r in rows])

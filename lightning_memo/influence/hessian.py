@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ __all__ = [
     "solve_damped",
     "conjugate_gradient",
     "check_eigenvalues",
+    "drop_negative",
 ]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> (B,)
@@ -162,6 +163,25 @@ def check_eigenvalues(eigvals: torch.Tensor, what: str = "Hessian") -> torch.Ten
             stacklevel=3,
         )
     return eigvals.clamp(min=0)
+
+
+def drop_negative(
+    evals: torch.Tensor, evecs: torch.Tensor, what: str = "Hessian"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keep the eigenpairs of non-negative curvature (round-off negatives count as 0); the
+    directions of truly negative curvature are dropped (no weight), with a warning giving their
+    count (:func:`check_eigenvalues`).
+
+    Args:
+        evals: (n,) eigenvalues; evecs: (P, n) eigenvectors as columns.
+        what: the matrix's name in the warning.
+
+    Returns:
+        ``(evals (m,), evecs (P, m))``, m <= n, eigenvalues clamped at 0.
+    """
+    clamped = check_eigenvalues(evals, what)  # warns with the count of the negative ones
+    keep = evals >= -round_off(evals)
+    return clamped[keep], evecs[:, keep]
 
 
 # ----------------------------------------------------------------------------- HVP

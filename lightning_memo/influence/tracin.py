@@ -238,3 +238,24 @@ def top_k(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Proponents (k largest scores) and opponents (k most negative) of one query: (k,) indices."""
     k = min(k, scores.numel())
     return torch.topk(scores, k).indices, torch.topk(-scores, k).indices
+
+
+def loss_reduction_scale(batch_size: int, loss_reduction: str) -> float:
+    """Factor turning the output-gradients of a batch loss into those of each sample's own loss.
+
+    Online TracIn reads the gradients of the training step's backward. With a mean-reduced loss
+    ``L = (1/B) sum_i l_i`` each sample's gradient carries a factor ``1/B``, undone by multiplying
+    by ``B``; a sum-reduced loss already gives ``grad l_i``.
+
+    Args:
+        batch_size: B, the samples in the training step's batch (on this rank).
+        loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step`` reduces the batch loss.
+
+    Returns:
+        ``float(batch_size)`` for ``"mean"``, ``1.0`` for ``"sum"``.
+    """
+    if loss_reduction == "mean":
+        return float(batch_size)
+    if loss_reduction == "sum":
+        return 1.0
+    raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'.")

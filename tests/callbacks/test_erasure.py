@@ -433,12 +433,20 @@ def _group(x):
     return (x[:, 0] + 0.5 * x[:, 1] > 0).long()
 
 
-@pytest.mark.parametrize("source", ["dict_key", "tuple_position", "callable", "continuous"])
+@pytest.mark.parametrize(
+    "source", ["dict_key", "tuple_position", "callable", "continuous", "label_key"]
+)
 def test_concept_sources(tmp_path, source):
     x, y = make_data()
     g = _group(x)
     L.seed_everything(0, verbose=False)
-    if source == "dict_key":
+    keys = {}
+    if source == "label_key":  # concept=None reads the label with label_key=; the default
+        # forward leaves the label_key= and index_key= entries out of module(**batch)
+        model, concept, z = DictMLP(), None, g
+        keys = {"label_key": "group", "index_key": "idx"}
+        loader = DataLoader(IndexedDataset(DictData(x, y, g), index_key="idx"), batch_size=20)
+    elif source == "dict_key":
         model, concept, z = DictMLP(), "group", g
         loader = DataLoader(IndexedDataset(DictData(x, y, g)), batch_size=20)
     elif source == "tuple_position":
@@ -453,7 +461,7 @@ def test_concept_sources(tmp_path, source):
         concept = lambda b: b[0][:, :2]  # noqa: E731  float (B, 2): continuous, z_dim inferred
         loader = make_loader()
     init = copy.deepcopy(model)
-    cb = _cb(["net.1"], tmp_path, concept=concept, constrain_cov_trace=False)
+    cb = _cb(["net.1"], tmp_path, concept=concept, constrain_cov_trace=False, **keys)
     _fit(tmp_path, cb, model=model, epochs=1, loader=loader)
     with torch.no_grad():
         raw = init.net[:2](x)
@@ -690,6 +698,44 @@ def test_bad_arguments(kwargs, match):
     kwargs = {"layers": ["net.1"], **kwargs}
     with pytest.raises(ValueError, match=match):
         ConceptErasure(**kwargs)
+
+
+def test_keyword_only_after_layers():
+    with pytest.raises(TypeError, match="positional"):
+        ConceptErasure(["net.1"], 2)
+
+
+def test_edit_norm_equals_a_loop():
+    """leace.edit_norm (the logged erasure/<layer>/edit_norm) = mean_i sum_j (x_ij - r_ij)^2."""
+    from lightning_memo.leace import edit_norm
+
+    x, y = make_data()
+    eraser = _ref(x, y)
+    erased = eraser(x)
+    want = (
+        sum(
+            sum((float(x[i, j]) - float(erased[i, j])) ** 2 for j in range(x.shape[1]))
+            for i in range(x.shape[0])
+        )
+        / x.shape[0]
+    )
+    got = edit_norm(x, erased)
+    assert got.ndim == 0 and float(got) == pytest.approx(want, rel=1e-5) and want > 0
+    assert float(edit_norm(x, x)) == 0.0
+    with pytest.raises(ValueError, match="row for row"):
+        edit_norm(x, erased[:5])
+
+
+@pytest.mark.parametrize(
+    "bar, progress, shown",
+    [(False, None, False), (True, None, True), (False, True, True), (True, False, False)],
+)
+def test_progress_follows_the_trainer(tmp_path, capfd, bar, progress, shown):
+    """The fitting pass's bar: progress=None follows Trainer(enable_progress_bar=...)."""
+    cb = ConceptErasure(layers=["net.1"], probe=False, progress=progress)
+    capfd.readouterr()
+    _fit(tmp_path, cb, epochs=1, enable_progress_bar=bar)
+    assert ("ConceptErasure: fitting net.1" in capfd.readouterr().err) == shown
 
 
 def test_fit_end_erasers_are_in_the_model_checkpoint(tmp_path):

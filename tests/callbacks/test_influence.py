@@ -225,7 +225,7 @@ def test_bad_arguments():
         InfluenceAnalysis(damping=0.0)
     with pytest.raises(ValueError, match="damping=-1.0 is not allowed"):
         InfluenceAnalysis(method="arnoldi", damping=-1.0)
-    with pytest.raises(ValueError, match="top_k=60"):
+    with pytest.raises(ValueError, match="arnoldi_k=60"):
         InfluenceAnalysis(method="arnoldi", arnoldi_dim=50, arnoldi_k=60)
     with pytest.raises(ValueError, match="fisher='model'"):
         InfluenceAnalysis(fisher="model")
@@ -313,3 +313,65 @@ def test_boundary_and_gex_from_the_callback(tmp_path):
     np.testing.assert_allclose(rows["self_influence"], gex.self_influence.numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="num_ens"):
         InfluenceAnalysis(method="gex", method_kwargs={"num_ens": 1})
+
+
+# ----------------------------------------------------------------------------- API
+def test_keyword_only_arguments_and_method_options():
+    with pytest.raises(TypeError):
+        InfluenceAnalysis("exact", ["net.4"])  # only `method` is positional
+    with pytest.raises(ValueError, match=r"method='ekfac' takes no option 'num_ens'.*fisher"):
+        InfluenceAnalysis(method="ekfac", method_kwargs={"num_ens": 8})
+    with pytest.raises(ValueError, match="layers= or parameters="):
+        InfluenceAnalysis(layers=["net.4"], parameters=["net.4.weight"])
+    # the callback's shared settings go only to the methods that take them
+    InfluenceAnalysis(method="gex", arnoldi_k=3, fisher="empirical", method_kwargs={"num_ens": 2})
+    rng = torch.get_rng_state()  # validating the options draws nothing: model inits unchanged
+    for method in ("ekfac", "randproj", "relatif", "gex", "representer"):
+        InfluenceAnalysis(method=method)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_parameters_select_what_is_differentiated(tmp_path):
+    """parameters= (names or globs) equals layers= for whole layers; a single parameter works for
+    exact and is refused for K-FAC (which factors whole layers)."""
+    kw = dict(method="exact", queries=queries(), damping=DAMPING, max_examples=N, progress=False)
+    by_layer = InfluenceAnalysis(layers=["net.4"], **kw)
+    by_glob = InfluenceAnalysis(parameters="net.4.*", **kw)
+    weight = InfluenceAnalysis(parameters=["net.4.weight"], **kw)
+    fit(tmp_path, [by_layer, by_glob, weight])
+    assert len({by_layer.out_dir, by_glob.out_dir, weight.out_dir}) == 3  # one folder each
+    assert_close(by_glob.scores, by_layer.scores, 1e-5)
+    assert by_glob.config["parameters"] == ["net.4.weight", "net.4.bias"]
+    assert weight.config["num_parameters"] == 48 and weight.scores.shape == (10, N)
+    kfac = InfluenceAnalysis(method="kfac", parameters=["net.4.weight"], progress=False)
+    with pytest.raises(ValueError, match=r"factors whole layers.*'net.4.bias'.*'net.4.\*'"):
+        fit(tmp_path / "k", [kfac], epochs=1)
+    with pytest.raises(ValueError, match="No parameter matches 'net.9.*'"):
+        fit(tmp_path / "m", [InfluenceAnalysis(parameters=["net.9.*"])], epochs=1)
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_progress_follows_the_trainer(tmp_path, capfd, bar):
+    ia = InfluenceAnalysis(method="kfac", queries=queries(), cache=False)
+    fit(tmp_path, [ia], epochs=1, enable_progress_bar=bar)
+    assert ("Influence (kfac)" in capfd.readouterr().err) is bar
+
+
+def test_state_dict_says_what_was_computed(tmp_path):
+    ia = InfluenceAnalysis(method="kfac", queries=queries(), progress=False, top_k=3)
+    assert ia.state_dict()["ran"] is False
+    fit(tmp_path, [ia], epochs=1)
+    state = ia.state_dict()
+    assert state["method"] == "kfac" and state["ran"] is True
+    assert state["shapes"] == {"self_influence": [N], "hinv_norm": [N], "scores": [10, N],
+                               "labels": [N]}  # fmt: skip
+    assert state["config"] == ia.config and state["config"]["num_train"] == N
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    back = InfluenceAnalysis(method="kfac", top_k=3)
+    back.load_state_dict(torch.load(path, weights_only=True))  # plain tensors, containers
+    torch.testing.assert_close(back.self_influence, ia.self_influence)
+    np.testing.assert_array_equal(back.top_k_for(2)["proponents"], ia.top_k_for(2)["proponents"])
+    empty = InfluenceAnalysis()
+    empty.load_state_dict({})  # older or partial states: missing keys are skipped
+    assert empty.self_influence is None and empty.config is None

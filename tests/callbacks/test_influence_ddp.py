@@ -94,8 +94,8 @@ def test_ddp_equals_single_process(runs, name):
     assert (a["self_influence"] > 0).all()
     assert_close(b["self_influence"], a["self_influence"])
     assert_close(b["hinv_norm"], a["hinv_norm"])
-    sa = torch.load(single / "scores.pt", weights_only=False)["results"]["scores"]
-    sb = torch.load(ddp / "scores.pt", weights_only=False)["results"]["scores"]
+    sa = torch.load(single / "scores.pt", weights_only=True)["results"]["scores"]
+    sb = torch.load(ddp / "scores.pt", weights_only=True)["results"]["scores"]
     assert sa.shape == sb.shape == (10, N)
     assert_close(sb, sa)
     ta, tb = read_csv(single / "top_k.csv"), read_csv(ddp / "top_k.csv")

@@ -73,6 +73,9 @@ def test_eval_source_scores_equal_independent_recomputation(tmp_path):
     np.testing.assert_allclose(csv["margin"], (own - other).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(csv["label"], y.numpy())
     np.testing.assert_allclose(mon.scores[2]["net.3"], mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(mon.scores_at(2), mean.numpy(), atol=1e-6)  # the flag layer
+    assert mon.epochs == [0, 1, 2]
+    assert torch.equal(mon.labels, y) and mon.labels_seen.all()
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["layers"] == ["net.3"] and cfg["num_samples"] == 120 and cfg["seed"] == 7
     assert len(mon.history) == 3
@@ -107,8 +110,17 @@ def test_every_n_epochs_and_glob(tmp_path):
         layers="net.*", every_n_epochs=2, n_estimators=100, output_dir=str(tmp_path / "out")
     )
     _fit(tmp_path, mon, epochs=4)
-    assert sorted(mon.scores) == [1, 3]
+    assert sorted(mon.scores) == [1, 3] == mon.epochs
     assert set(mon.scores[1]) == {f"net.{i}" for i in range(5)}
+    # scores_at: the flag layer (the last resolved) by default, a copy, clear errors
+    np.testing.assert_array_equal(mon.scores_at(3), mon.scores[3]["net.4"])
+    np.testing.assert_array_equal(mon.scores_at(1, "net.2"), mon.scores[1]["net.2"])
+    mon.scores_at(1)[:] = 0
+    assert not (mon.scores[1]["net.4"] == 0).all()
+    with pytest.raises(KeyError, match=r"no scores for epoch 2; evaluated epochs .*\[1, 3\]"):
+        mon.scores_at(2)
+    with pytest.raises(ValueError, match="layer='net.9' is not one of the monitored layers"):
+        mon.scores_at(1, "net.9")
     assert not (tmp_path / "out" / "epoch_0.csv").exists()
     assert (tmp_path / "out" / "epoch_3.csv").exists()
 
@@ -154,7 +166,7 @@ def test_tensorboard_histogram_image_grid_and_text(tmp_path):
 
     logger = L.pytorch.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     mon = MemorizationMonitor(
-        layers=["net.3"], n_estimators=100, top_k=4, image_shape=(2, 4), input_key=0
+        layers=["net.3"], n_estimators=100, n_show=4, image_shape=(2, 4), input_key=0
     )
     _fit(tmp_path, mon, epochs=1, logger=logger)
     assert mon.out_dir.startswith(logger.log_dir)
@@ -327,6 +339,32 @@ def test_bad_arguments(kwargs, match):
     args = {"layers": ["net.3"], **kwargs}
     with pytest.raises(ValueError, match=match):
         MemorizationMonitor(**args)
+
+
+def test_keyword_only_and_top_k_renamed_n_show():
+    with pytest.raises(TypeError, match="positional"):
+        MemorizationMonitor(["net.3"], 2)
+    with pytest.warns(DeprecationWarning, match="top_k=.*deprecated.*n_show="):
+        mon = MemorizationMonitor(layers=["net.3"], top_k=3)
+    assert mon.n_show == 3
+    with pytest.warns(DeprecationWarning, match="use n_show"):
+        assert mon.top_k == 3
+    with pytest.raises(ValueError, match="pass n_show= only"):
+        MemorizationMonitor(layers=["net.3"], top_k=3, n_show=5)
+    with pytest.raises(ValueError, match="n_show=-1"):
+        MemorizationMonitor(layers=["net.3"], n_show=-1)
+
+
+@pytest.mark.parametrize(
+    "bar, progress, shown",
+    [(False, None, False), (True, None, True), (False, True, True), (True, False, False)],
+)
+def test_progress_follows_the_trainer(tmp_path, capfd, bar, progress, shown):
+    """The eval pass's bar: progress=None follows Trainer(enable_progress_bar=...)."""
+    mon = MemorizationMonitor(layers=["net.3"], source="eval", n_estimators=50, progress=progress)
+    capfd.readouterr()
+    _fit(tmp_path, mon, epochs=1, enable_progress_bar=bar)
+    assert ("MemorizationMonitor: eval pass" in capfd.readouterr().err) == shown
 
 
 def test_hooks_removed_on_exception(tmp_path):

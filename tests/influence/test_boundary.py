@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_memo.influence.boundary import BoundaryInfluence, deepfool
-from lightning_memo.influence.methods import train_pass
+from lightning_memo.influence.deepfool import deepfool
+from lightning_memo.influence.methods import BoundaryInfluence, train_pass
 
 DT = torch.float64
+FIRST = {"input_fn": lambda b: b[0]}  # the fit context: inputs are the batch's first element
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,7 +52,7 @@ def exact_distance(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def fit(method, model, x, y):
-    return method.fit(model, dict(model.named_parameters()), None, [(x, y)])
+    return method.fit(model, dict(model.named_parameters()), None, [(x, y)], FIRST)
 
 
 @pytest.mark.parametrize("line_search", [True, False])
@@ -59,7 +60,7 @@ def fit(method, model, x, y):
 def test_linear_classifier_matches_closed_form(overshoot, line_search):
     lin, x, y = linear_setup()
     m = fit(BoundaryInfluence(overshoot=overshoot, line_search=line_search), lin, x, y)
-    got = m.self_influence((x, y))
+    got = m.self_influence_batch((x, y))
     want = exact_distance(lin, x) * (1 + overshoot)
     assert got.dtype == DT and got.shape == (x.shape[0],)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
@@ -77,11 +78,15 @@ def test_linear_classifier_one_step_and_flip():
 
 def test_num_classes_restricts_targets_but_keeps_the_nearest_in_linear_case():
     lin, x, y = linear_setup(c=6, seed=5)
-    full = fit(BoundaryInfluence(overshoot=0.0), lin, x, y).self_influence((x, y))
-    two = fit(BoundaryInfluence(overshoot=0.0, num_classes=2), lin, x, y).self_influence((x, y))
+    full = fit(BoundaryInfluence(overshoot=0.0), lin, x, y).self_influence_batch((x, y))
+    two = fit(BoundaryInfluence(overshoot=0.0, num_classes=2), lin, x, y).self_influence_batch(
+        (x, y)
+    )
     # the top-2 class is not always the nearest boundary: restricted distances are never smaller
     assert bool((two >= full * (1 - 1e-9)).all())
-    six = fit(BoundaryInfluence(overshoot=0.0, num_classes=6), lin, x, y).self_influence((x, y))
+    six = fit(BoundaryInfluence(overshoot=0.0, num_classes=6), lin, x, y).self_influence_batch(
+        (x, y)
+    )
     torch.testing.assert_close(six, full)
 
 
@@ -118,8 +123,9 @@ def test_float32_model_and_dict_batch():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     x = torch.randn(10, 4)
     batch = {"input": x, "label": torch.zeros(10, dtype=torch.long), "index": torch.arange(10)}
-    m = BoundaryInfluence().fit(mlp, dict(mlp.named_parameters()), None, [batch])
-    d = m.self_influence(batch)
+    ctx = {"input_fn": lambda b: b["input"]}
+    m = BoundaryInfluence().fit(mlp, dict(mlp.named_parameters()), None, [batch], ctx)
+    d = m.self_influence_batch(batch)
     assert d.dtype == DT and bool(torch.isfinite(d).all()) and bool((d > 0).all())
     with torch.no_grad():  # the float32 perturbation flips too
         res = deepfool(mlp, x)
@@ -128,8 +134,8 @@ def test_float32_model_and_dict_batch():
 
 def test_score_negative_is_influenciae_sign():
     lin, x, y = linear_setup()
-    d = fit(BoundaryInfluence(), lin, x, y).self_influence((x, y))
-    neg = fit(BoundaryInfluence(score="negative"), lin, x, y).self_influence((x, y))
+    d = fit(BoundaryInfluence(), lin, x, y).self_influence_batch((x, y))
+    neg = fit(BoundaryInfluence(score="negative"), lin, x, y).self_influence_batch((x, y))
     torch.testing.assert_close(neg, -d)
 
 
@@ -139,7 +145,7 @@ def test_custom_input_and_forward_fn():
         overshoot=0.0, input_fn=lambda b: b["feats"], forward_fn=lambda model, z: model(z) * 2.0
     )
     m.fit(lin, dict(lin.named_parameters()), None, [{"feats": x}])
-    torch.testing.assert_close(m.self_influence({"feats": x}), exact_distance(lin, x))
+    torch.testing.assert_close(m.self_influence_batch({"feats": x}), exact_distance(lin, x))
 
 
 def test_model_mode_and_parameters_unchanged():
@@ -149,8 +155,8 @@ def test_model_mode_and_parameters_unchanged():
     before = {k: v.clone() for k, v in mlp.state_dict().items()}
     mlp.train()
     m = fit(BoundaryInfluence(), mlp, x, None)
-    a = m.self_influence((x,))
-    b = m.self_influence((x,))
+    a = m.self_influence_batch((x,))
+    b = m.self_influence_batch((x,))
     torch.testing.assert_close(a, b)  # eval mode during the search: dropout off
     assert mlp.training
     for k, v in mlp.state_dict().items():
@@ -163,10 +169,10 @@ def test_no_pairwise_scores():
     m = fit(BoundaryInfluence(), lin, x, y)
     assert m.has_scores is False and m.uses_gradients is False
     with pytest.raises(ValueError, match="no pairwise scores"):
-        m.query_rows((x, y))
+        m.query_rows_batch((x, y))
     with pytest.raises(ValueError, match="no pairwise scores"):
-        m.train_rows((x, y))
-    assert bool(torch.isnan(m.hinv_norm((x, y))).all())
+        m.train_rows_batch((x, y))
+    assert bool(torch.isnan(m.hinv_norm_batch((x, y))).all())
 
 
 def test_train_pass_driver():
@@ -187,19 +193,21 @@ def test_regression_model_refused():
     x = torch.randn(5, 3, dtype=DT)
     with pytest.raises(ValueError, match="regression model.*one value per sample"):
         fit(BoundaryInfluence(), reg, x, None)
-    m = BoundaryInfluence().bind(reg)
+    m = BoundaryInfluence().bind(reg, FIRST["input_fn"])
     with pytest.raises(ValueError, match=r"class logits of shape \(B, C\) with C >= 2"):
-        m.self_influence((x,))
+        m.self_influence_batch((x,))
     flat = nn.Sequential(nn.Linear(3, 1), nn.Flatten(0))
     with pytest.raises(ValueError, match="regression model"):
-        BoundaryInfluence().bind(flat.to(DT)).self_influence((x,))
+        BoundaryInfluence().bind(flat.to(DT), FIRST["input_fn"]).self_influence_batch((x,))
 
 
 def test_binary_logit_flag():
     torch.manual_seed(0)
     lin = nn.Linear(3, 1).to(DT)
     x = torch.randn(9, 3, dtype=DT)
-    d = fit(BoundaryInfluence(overshoot=0.0, binary_logit=True), lin, x, None).self_influence((x,))
+    d = fit(BoundaryInfluence(overshoot=0.0, binary_logit=True), lin, x, None).self_influence_batch(
+        (x,)
+    )
     with torch.no_grad():
         want = lin(x).abs().reshape(-1) / lin.weight.norm()
     torch.testing.assert_close(d, want)
@@ -209,7 +217,7 @@ def test_integer_inputs_refused():
     emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
     ids = torch.randint(0, 10, (4, 2))
     with pytest.raises(ValueError, match="floating tensor.*input_fn"):
-        BoundaryInfluence().fit(emb, {}, None, [(ids,)])
+        BoundaryInfluence().fit(emb, {}, None, [(ids,)], FIRST)
 
 
 def test_locally_constant_model_gives_inf_with_warning():
@@ -221,7 +229,7 @@ def test_locally_constant_model_gives_inf_with_warning():
     x = torch.randn(3, 2, dtype=DT)
     m = fit(BoundaryInfluence(), net, x, None)
     with pytest.warns(UserWarning, match="locally constant"):
-        d = m.self_influence((x,))
+        d = m.self_influence_batch((x,))
     assert bool(torch.isinf(d).all())
 
 
@@ -232,11 +240,11 @@ def test_max_iter_warning():
     x = torch.randn(40, 2, dtype=DT) * 3
     m = fit(BoundaryInfluence(max_iter=1, overshoot=0.0), net, x, None)
     with pytest.warns(UserWarning, match="did not cross the decision boundary within max_iter=1"):
-        d = m.self_influence((x,))
+        d = m.self_influence_batch((x,))
     assert not bool(m.last_converged.all()) and bool(torch.isfinite(d).all())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # enough steps: every sample crosses, no warning
-        fit(BoundaryInfluence(), net, x, None).self_influence((x,))
+        fit(BoundaryInfluence(), net, x, None).self_influence_batch((x,))
 
 
 def test_bad_arguments_and_unfitted():
@@ -249,7 +257,7 @@ def test_bad_arguments_and_unfitted():
     with pytest.raises(ValueError, match="score"):
         BoundaryInfluence(score="rank")
     with pytest.raises(RuntimeError, match="bind"):
-        BoundaryInfluence().self_influence((torch.zeros(2, 3),))
+        BoundaryInfluence().self_influence_batch((torch.zeros(2, 3),))
 
 
 def test_state_dict_round_trip():
@@ -258,5 +266,16 @@ def test_state_dict_round_trip():
     m2 = BoundaryInfluence()
     m2.load_state_dict(m.state_dict())
     assert m2.max_iter == 7 and m2.score == "negative" and m2.fitted
-    m2.bind(lin)
-    torch.testing.assert_close(m2.self_influence((x, y)), m.self_influence((x, y)))
+    m2.bind(lin, FIRST["input_fn"])
+    torch.testing.assert_close(m2.self_influence_batch((x, y)), m.self_influence_batch((x, y)))
+
+
+def test_inputs_come_from_a_callable_and_gradients_are_refused():
+    """The method reads no batch format: without input_fn it says how to give one; its
+    gradient entry point points to the batch one."""
+    lin, x, y = linear_setup(n=6)
+    with pytest.raises(ValueError, match=r"needs input_fn\(batch\).*context="):
+        BoundaryInfluence().fit(lin, {}, None, [(x, y)])
+    m = fit(BoundaryInfluence(), lin, x, y)
+    with pytest.raises(TypeError, match=r"reads batches.*self_influence_batch"):
+        m.self_influence((x, y))

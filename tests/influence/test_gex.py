@@ -13,8 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_memo.influence.gex import GeometricEnsembleInfluence, lr_schedule
-from lightning_memo.influence.methods import query_matrix, train_pass
+from lightning_memo.influence.methods import (
+    GeometricEnsembleInfluence,
+    lr_schedule,
+    query_matrix,
+    train_pass,
+)
 
 DT = torch.float64
 
@@ -92,12 +96,14 @@ def test_rows_reproduce_brute_force_covariance(center):
     else:
         dev = losses - ref[:, None]
         want = dev @ dev.T / losses.shape[1]
-    q, z = gex.query_rows((x[:7], y[:7])), gex.train_rows((x, y))
+    q, z = gex.query_rows_batch((x[:7], y[:7])), gex.train_rows_batch((x, y))
     assert q.dtype == DT and z.shape == (x.shape[0], 5)
     got = (q @ z.T).numpy()
     np.testing.assert_allclose(got, want[:7], rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(gex.self_influence((x, y)).numpy(), np.diag(want), rtol=1e-10)
-    np.testing.assert_allclose(gex.scores((x[:7], y[:7]), (x, y)).numpy(), want[:7], rtol=1e-10)
+    np.testing.assert_allclose(gex.self_influence_batch((x, y)).numpy(), np.diag(want), rtol=1e-10)
+    np.testing.assert_allclose(
+        gex.scores_batch((x[:7], y[:7]), (x, y)).numpy(), want[:7], rtol=1e-10
+    )
 
 
 def test_loss_floor_as_gex_eps():
@@ -105,7 +111,7 @@ def test_loss_floor_as_gex_eps():
     gex = fit(model, ce_loss, batches, num_ens=3, ft_step=3, loss_floor=5.0)
     losses = brute_losses(model, ce_loss, gex.members, (x, y))
     want = ((losses - 5.0).square().mean(dim=1)).numpy()  # every loss is below the floor
-    np.testing.assert_allclose(gex.self_influence((x, y)).numpy(), want, rtol=1e-10)
+    np.testing.assert_allclose(gex.self_influence_batch((x, y)).numpy(), want, rtol=1e-10)
 
 
 def _sgd_replay(model, params, loss_fn, batch, lrs, num_ens, momentum, start, clip=None):
@@ -177,7 +183,7 @@ def _first_order_error(ft_lr, center):
     e = len(gex.members)
     dev = gex.parameter_deviations()  # (E, P): theta_e - theta* (or - the ensemble mean)
     lin_rows = g @ dev.T / math.sqrt(e - 1 if center == "mean" else e)
-    rows = gex.train_rows((x, y))
+    rows = gex.train_rows_batch((x, y))
     s, s1 = rows @ rows.T, lin_rows @ lin_rows.T  # GEX vs g_q^T Sigma g_z
     return float((s - s1).norm() / s1.norm())
 
@@ -208,7 +214,7 @@ def test_original_model_unchanged_and_rng_untouched():
         assert torch.equal(v, before[k]), k  # parameters and BatchNorm statistics
     assert all(p.grad is None for p in model.parameters())
     gex.check_model(params)  # checksum unchanged
-    gex.self_influence((x, y))
+    gex.self_influence_batch((x, y))
     assert model.training
     assert "0.weight" not in gex.members[0]
 
@@ -220,7 +226,7 @@ def test_only_chosen_parameters_are_fine_tuned():
     assert all(set(m) == {"0.weight", "0.bias"} for m in gex.members)
     assert gex.parameter_deviations().shape == (3, 8 * 3 + 8)
     assert float(gex.parameter_deviations().abs().max()) > 0
-    assert float(gex.self_influence((x, y)).sum()) > 0
+    assert float(gex.self_influence_batch((x, y)).sum()) > 0
 
 
 def test_seed_reproducibility():
@@ -229,15 +235,15 @@ def test_seed_reproducibility():
     a = fit(model, ce_loss, batches, seed=0, **kw)
     b = fit(model, ce_loss, batches, seed=0, **kw)
     c = fit(model, ce_loss, batches, seed=1, **kw)
-    assert torch.equal(a.train_rows((x, y)), b.train_rows((x, y)))
-    assert not torch.allclose(a.train_rows((x, y)), c.train_rows((x, y)))
+    assert torch.equal(a.train_rows_batch((x, y)), b.train_rows_batch((x, y)))
+    assert not torch.allclose(a.train_rows_batch((x, y)), c.train_rows_batch((x, y)))
     # members from the trained weights differ only by their data order
     assert not torch.equal(a.members[0]["2.weight"], a.members[1]["2.weight"])
     # a shuffling DataLoader reproduces too (the global RNG is forked and seeded)
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
     d = fit(model, ce_loss, loader, seed=3, **kw)
     e = fit(model, ce_loss, loader, seed=3, **kw)
-    assert torch.equal(d.train_rows((x, y)), e.train_rows((x, y)))
+    assert torch.equal(d.train_rows_batch((x, y)), e.train_rows_batch((x, y)))
 
 
 def test_drivers_query_matrix_and_train_pass():
@@ -248,9 +254,9 @@ def test_drivers_query_matrix_and_train_pass():
     q = query_matrix(gex, lambda b: b, [(x[:5], y[:5])])
     out = train_pass(gex, lambda b: b, train, 40, index_fn=lambda b: b[2], query_rows=q,
                      want_norm=True)  # fmt: skip
-    want = gex.query_rows((x[:5], y[:5])) @ gex.train_rows((x, y)).T
+    want = gex.query_rows_batch((x[:5], y[:5])) @ gex.train_rows_batch((x, y)).T
     torch.testing.assert_close(out["scores"], want)
-    torch.testing.assert_close(out["self_influence"], gex.self_influence((x, y)))
+    torch.testing.assert_close(out["self_influence"], gex.self_influence_batch((x, y)))
     assert bool(torch.isnan(out["hinv_norm"]).all())
 
 
@@ -264,7 +270,7 @@ def test_progress_callable_sees_every_step():
             yield i
 
     GeometricEnsembleInfluence(num_ens=2, ft_step=3).fit(
-        model, dict(model.named_parameters()), ce_loss, batches, progress=progress
+        model, dict(model.named_parameters()), ce_loss, batches, {"progress": progress}
     )
     assert seen == list(range(6))
 
@@ -277,9 +283,9 @@ def test_state_dict_round_trip_and_bind():
     other.load_state_dict(state)
     assert other.num_ens == 3 and other.center == "mean" and other.fitted
     with pytest.raises(RuntimeError, match="bind"):
-        other.train_rows((x, y))
+        other.train_rows_batch((x, y))
     other.bind(model, ce_loss)
-    torch.testing.assert_close(other.train_rows((x, y)), gex.train_rows((x, y)))
+    torch.testing.assert_close(other.train_rows_batch((x, y)), gex.train_rows_batch((x, y)))
 
 
 def test_num_ens_below_two_refused():
@@ -316,7 +322,7 @@ def test_divergence_and_bad_loss_are_reported():
     with pytest.raises(ValueError, match="training data is empty"):
         fit(lin, sq_loss, [], num_ens=2, ft_step=2)
     with pytest.raises(RuntimeError, match="fit"):
-        GeometricEnsembleInfluence().self_influence((x, y))
+        GeometricEnsembleInfluence().self_influence_batch((x, y))
 
 
 def test_flipped_label_detection_auroc():
@@ -344,7 +350,7 @@ def test_flipped_label_detection_auroc():
     order = torch.randperm(n, generator=g)
     batches = [(x[i], noisy[i]) for i in order.split(32)]
     gex = fit(model, ce_loss, batches, num_ens=8, ft_lr=0.05, ft_step=50)
-    si = gex.self_influence((x, noisy))
+    si = gex.self_influence_batch((x, noisy))
     auc_gex = roc_auc_score(flip.numpy(), si.numpy())
     auc_loss = roc_auc_score(flip.numpy(), loss.numpy())
     print(f"flipped-label AUROC: GEX self-influence {auc_gex:.3f}, loss {auc_loss:.3f}")

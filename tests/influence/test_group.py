@@ -216,7 +216,7 @@ def test_closed_forms_and_newton_step(s, renormalize):
 
 # ----------------------------------------------------------------------------- plumbing
 def test_first_order_is_sum_of_individual_scores_any_method(s):
-    arn = ArnoldiInfluence(damping=LAM, arnoldi_dim=5, top_k=3).fit(
+    arn = ArnoldiInfluence(damping=LAM, arnoldi_dim=5, arnoldi_k=3).fit(
         s.model, s.params, loss_fn, s.batches
     )
     q = torch.cat([arn.query_rows(s.grad_fn(b)) for b in s.queries])
@@ -300,7 +300,7 @@ def test_bad_groups_messages(s):
 
 
 def test_bad_method_and_options(s):
-    arn = ArnoldiInfluence(damping=LAM, arnoldi_dim=5, top_k=3).fit(
+    arn = ArnoldiInfluence(damping=LAM, arnoldi_dim=5, arnoldi_k=3).fit(
         s.model, s.params, loss_fn, s.batches
     )
     with pytest.raises(ValueError, match=r"order=2 needs .*ExactInfluence.*got method 'arnoldi'"):

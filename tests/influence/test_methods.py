@@ -116,7 +116,7 @@ def test_arnoldi_full_dimension_equals_exact():
     p = sum(v.numel() for v in feats.params.values())
     exact = run(ExactInfluence(damping=0.1), model, feats, batches, queries)
     with pytest.warns(UserWarning):  # the Hessian of this tiny net has negative eigenvalues
-        arn = run(ArnoldiInfluence(0.1, arnoldi_dim=p, top_k=p), model, feats, batches, queries)
+        arn = run(ArnoldiInfluence(0.1, arnoldi_dim=p, arnoldi_k=p), model, feats, batches, queries)
     for key in ("scores", "self_influence", "hinv_norm"):
         torch.testing.assert_close(arn[key].double(), exact[key].double(), rtol=1e-4, atol=1e-7)
 
@@ -127,7 +127,7 @@ def test_arnoldi_top_k_keeps_the_largest_curvature():
     model, feats, batches = setup()
     queries = (batches[1][0][:4], batches[1][1][:4])
     full = run(ExactInfluence(damping=0.1), model, feats, batches, queries)
-    arn = run(ArnoldiInfluence(0.1, arnoldi_dim=30, top_k=10), model, feats, batches, queries)
+    arn = run(ArnoldiInfluence(0.1, arnoldi_dim=30, arnoldi_k=10), model, feats, batches, queries)
     assert arn["self_influence"].shape == (24,)
     assert (arn["self_influence"] <= full["self_influence"] + 1e-9).all()
 
@@ -151,7 +151,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="method='lissa'"):
         make_method("lissa", feats.modules)
     with pytest.raises(ValueError, match=r"arnoldi_dim=100 is larger than the number of param"):
-        ArnoldiInfluence(0.1, arnoldi_dim=100, top_k=5).fit(model, feats.params, ce_loss, batches)
+        ArnoldiInfluence(0.1, arnoldi_dim=100, arnoldi_k=5).fit(
+            model, feats.params, ce_loss, batches
+        )
     big = nn.Linear(200, 120).to(DT)
     big_params = dict(big.named_parameters())
     with pytest.raises(ValueError, match=r"24120 x 24120 Hessian.*method='arnoldi'"):
@@ -194,5 +196,91 @@ def test_randproj_is_an_unbiased_gradient_dot_product():
 
 
 def run_rows(method, batches):
-    rows = torch.cat([method.train_rows(b) for b in batches])
+    rows = torch.cat([method.train_rows_batch(b) for b in batches])
     return rows @ rows.T
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_is_a_table_of_classes_and_their_options():
+    """Every name maps to a class and options that its constructor takes; Hessian methods are
+    the bases RelatIF accepts."""
+    import inspect
+
+    from lightning_memo.influence.registry import HESSIAN_METHODS, METHODS, method_options
+
+    assert list(METHODS) == [
+        "ekfac", "kfac", "arnoldi", "exact", "cg", "relatif", "randproj", "representer",
+        "representer_lje", "boundary", "gex",
+    ]  # fmt: skip
+    assert set(HESSIAN_METHODS) < set(METHODS)
+    for name, spec in METHODS.items():
+        if name == "relatif":
+            continue
+        params = inspect.signature(spec.cls.__init__).parameters
+        for opt in (*spec.options, *spec.fixed, *spec.defaults):
+            assert opt in params, (name, opt)
+    assert method_options("relatif", "arnoldi") == ("relatif_base",) + METHODS["arnoldi"].options
+
+
+def test_options_a_method_does_not_take_are_refused():
+    model, feats, _ = setup()
+    with pytest.raises(ValueError, match=r"method='ekfac' takes no option 'num_ens'.*damping"):
+        make_method("ekfac", feats.modules, num_ens=8)
+    with pytest.raises(ValueError, match=r"method='exact' takes no option 'arnoldi_k'"):
+        make_method("exact", feats.modules, arnoldi_k=5)
+    with pytest.raises(ValueError, match=r"method='relatif' takes no option 'fisher'.*arnoldi_k"):
+        make_method("relatif", feats.modules, relatif_base="arnoldi", fisher="true")
+    with pytest.raises(ValueError, match=r"'representer' takes no option 'ascent_lr'"):
+        make_method("representer", {}, ascent_lr=0.1)
+    with pytest.raises(ValueError, match=r"arnoldi_dim=5, arnoldi_k=6"):
+        make_method("arnoldi", feats.modules, arnoldi_dim=5, arnoldi_k=6)
+    arn = make_method("arnoldi", feats.modules, arnoldi_dim=9, arnoldi_k=4, seed=3)
+    assert (arn.arnoldi_dim, arn.arnoldi_k, arn.seed) == (9, 4, 3)
+    cg = make_method("cg", feats.modules, damping=2.0, cg_tol=1e-6)
+    assert (cg.solver, cg.cg_tol, cg.damping) == ("cg", 1e-6, 2.0)
+
+
+def test_batch_methods_have_their_own_entry_points():
+    """Gradient entry points take gradients only; a batch method points to its _batch one."""
+    model, feats, batches = setup()
+    rp = make_method("randproj", feats.modules, projection_dim=8).fit(
+        model, feats.params, ce_loss, batches
+    )
+    assert not rp.uses_gradients
+    with pytest.raises(TypeError, match=r"reads batches.*self_influence_batch\(batch\)"):
+        rp.self_influence(batches[0])
+    assert rp.self_influence_batch(batches[0]).shape == (8,)
+
+
+def test_plain_module_path_with_a_dict_context():
+    """No Trainer: a method fitted on an nn.Module and a DataLoader with a dict context equals
+    the same fit with a FitContext; unknown context keys are refused."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_memo.influence import FitContext
+
+    model, feats, batches = setup()
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+
+    def output_fn(m, b):
+        return m(b[0])
+
+    a = make_method("ekfac", feats.modules, damping=0.1).fit(
+        model, feats.params, ce_loss, loader, {"output_fn": output_fn}
+    )
+    b = make_method("ekfac", feats.modules, damping=0.1).fit(
+        model, feats.params, ce_loss, loader, FitContext(output_fn=output_fn)
+    )
+
+    def grad_fn(batch):
+        return feats.grad_dict(model, batch, ce_loss)
+
+    sa = train_pass(a, grad_fn, loader, 24)["self_influence"]
+    torch.testing.assert_close(sa, train_pass(b, grad_fn, loader, 24)["self_influence"])
+    assert (sa > 0).all()
+    with pytest.raises(ValueError, match=r"context keys \['outputs'\] are unknown"):
+        make_method("ekfac", feats.modules).fit(
+            model, feats.params, ce_loss, loader, {"outputs": 1}
+        )

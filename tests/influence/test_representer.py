@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_memo.influence.methods import query_matrix, train_pass
-from lightning_memo.influence.representer import RepresenterPoints, find_output_linear
+from lightning_memo.influence.last_layer import find_output_linear
+from lightning_memo.influence.methods import RepresenterPoints, query_matrix, train_pass
 
 N, D_IN, HID, C = 60, 5, 8, 3
 
@@ -47,9 +47,14 @@ def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, torch.ones(len(x), 1, dtype=h.dtype)], dim=1)
 
 
-def _fit(model, batches, **kw) -> RepresenterPoints:
+#: the fit context for tuple batches (x, y, index); dict batches use their keys
+TUPLE = {"input_fn": lambda b: b[0], "label_fn": lambda b: b[1], "index_fn": lambda b: b[2]}
+DICT = {"input_fn": lambda b: b["input"], "label_fn": lambda b: b["label"]}
+
+
+def _fit(model, batches, context=TUPLE, **kw) -> RepresenterPoints:
     params = dict(model.named_parameters())
-    return RepresenterPoints(**kw).fit(model, params, None, batches)
+    return RepresenterPoints(**kw).fit(model, params, None, batches, context)
 
 
 @pytest.fixture(scope="module")
@@ -132,16 +137,17 @@ def test_refit_rows_match_direct_loop(setup, refit, target):
     self_expect = refit.alpha[torch.arange(N), y] * fz.square().sum(dim=1)
     assert torch.allclose(out["self_influence"], self_expect, atol=1e-12)
     assert bool((out["self_influence"] >= 0).all())  # alpha_{z,y_z} = (1-p_y)/(2 lambda n) >= 0
-    assert torch.isnan(refit.hinv_norm(batches[0])).all()
+    assert torch.isnan(refit.hinv_norm_batch(batches[0])).all()
 
 
 def test_refit_alpha_self_measure_and_dict_batches(setup):
     model, x, y, _ = setup
     dict_batches = [{"input": b[0], "label": b[1], "index": b[2]} for b in _batches(x, y, 20)]
-    rp = _fit(model, dict_batches, l2=1e-2, self_measure="alpha")
-    s = rp.self_influence(dict_batches[0])
+    rp = _fit(model, dict_batches, DICT, l2=1e-2, self_measure="alpha")
+    s = rp.self_influence_batch(dict_batches[0])
+    assert torch.equal(rp.indices, torch.arange(N))  # no index_fn: positions
     assert torch.allclose(s, rp.alpha[torch.arange(20), y[:20]].abs(), atol=1e-12)
-    # custom accessors
+    # accessors given to the constructor win over the context's
     rp2 = _fit(
         model,
         [(b[2], b[0], b[1]) for b in _batches(x, y)],
@@ -191,7 +197,7 @@ def test_lje_per_sample_matrices_and_exact_identity(setup, ascent_lr):
     g = torch.softmax(f @ theta_dot.T, dim=1) - nn.functional.one_hot(y, C)
     outer = (g[:, :, None] * f[:, None, :]).reshape(N, -1)
     m_oracle = (theta_dot.reshape(1, -1) - outer @ hinv) / N
-    rows = torch.cat([rp.train_rows(b) for b in batches])
+    rows = torch.cat([rp.train_rows_batch(b) for b in batches])
     assert torch.allclose(rows, m_oracle, atol=1e-9)
     theta_n = theta_dot - (hinv @ outer.mean(dim=0)).reshape(theta.shape)
     assert torch.allclose(rows.sum(dim=0).reshape(theta.shape), theta_n, atol=1e-9)
@@ -349,7 +355,7 @@ def test_bad_arguments_and_data(setup):
     with pytest.raises(ValueError, match="1 training samples have non-finite"):
         _fit(model, _batches(x_nan, y))
     with pytest.raises(RuntimeError, match="not fitted"):
-        RepresenterPoints().train_rows(batches[0])
+        RepresenterPoints().train_rows_batch(batches[0])
 
 
 def test_registry_names_and_float32_model(setup):
@@ -367,7 +373,18 @@ def test_registry_names_and_float32_model(setup):
     assert not rp.uses_gradients and rp.fit_data == "train" and rp.has_scores
     m32 = copy.deepcopy(model).float()
     b32 = _batches(x.float(), y)
-    rp.fit(m32, dict(m32.named_parameters()), None, b32)
+    rp.fit(m32, dict(m32.named_parameters()), None, b32, TUPLE)
     f = rp.features
-    assert f.dtype == torch.float64 and rp.train_rows(b32[0]).dtype == torch.float64
+    assert f.dtype == torch.float64 and rp.train_rows_batch(b32[0]).dtype == torch.float64
     assert torch.allclose((f @ f.T) @ rp.alpha, f @ rp.weights.T, atol=1e-10)
+
+
+def test_inputs_and_labels_come_from_callables(setup):
+    """The method reads no batch format: without input_fn / label_fn it says how to pass them."""
+    model, _, _, batches = setup
+    with pytest.raises(ValueError, match=r"needs input_fn\(batch\).*context="):
+        _fit(model, batches, {})
+    with pytest.raises(ValueError, match=r"needs label_fn\(batch\).*context="):
+        _fit(model, batches, {"input_fn": lambda b: b[0]})
+    with pytest.raises(ValueError, match=r"label_fn must return \(B,\) integer class ids"):
+        _fit(model, batches, {**TUPLE, "label_fn": lambda b: b[1].double()})

@@ -32,16 +32,21 @@ import lightning as L
 import numpy as np
 import torch
 
-from .callbacks.influence import InfluenceAnalysis
-from .data import load_digits_flipped
-from .demo import DigitsMLP, _auroc, fit_demo
-from .demo_erasure import _quiet_single_thread
-from .demo_tracin import (
-    _per_sample_loss,
-    _save_png,
-    _TimedTracIn,
+from ..callbacks.influence import InfluenceAnalysis
+from ..influence.registry import METHODS
+from ..viz import save_png
+from ._common import (
+    DigitsMLP,
+    TimedTracIn,
+    auroc,
+    fit_demo,
     flipped_split,
+    load_digits_flipped,
+    per_sample_loss,
     proponents_figure,
+    quiet_single_thread,
+    recall_top,
+    require_sklearn,
 )
 
 __all__ = [
@@ -55,8 +60,10 @@ __all__ = [
 PNG_NAME = "influence_proponents.png"
 CHART_NAME = "influence_methods.png"
 DATASETS = ("digits", "breast_cancer")
-#: the methods with a Hessian (their self-influence / hinv_norm ratio is printed too)
+#: the methods with a Hessian that ``method="all"`` runs
 HESSIAN_DEMO = ("ekfac", "kfac", "arnoldi", "exact")
+#: every method with a Hessian (its damping is set; its self-influence / hinv_norm is printed too)
+WITH_HESSIAN = (*HESSIAN_DEMO, "cg")
 #: every method ``method="all"`` runs, in this order (TracIn is recorded in the same fit)
 DEMO_METHODS = (
     *HESSIAN_DEMO,
@@ -67,8 +74,9 @@ DEMO_METHODS = (
     "boundary",
     "gex",
 )
-CHOICES = (*DEMO_METHODS, "all")
-EXACT_LAYER = "net.4"  # the exact Hessian is built for the last Linear layer only
+#: what ``method=`` takes: any method of the registry, or "all"
+CHOICES = (*METHODS, "all")
+EXACT_LAYER = "net.4"  # the exact Hessian (and CG's) is built for the last Linear layer only
 #: GEX settings of the demo. GEX's own defaults (ft_lr 0.05, 800 steps per member) are for deep
 #: CIFAR networks; on these MLPs 8 members of 50 cosine-scheduled SGD steps (about 2 epochs of
 #: digits each) take under a second. ft_lr 0.2 is the largest of 0.05 / 0.1 / 0.2 / 0.3 at which
@@ -88,6 +96,7 @@ LABELS = {
     "kfac": "K-FAC",
     "arnoldi": "Arnoldi",
     "exact": f"exact Hessian ({EXACT_LAYER})",
+    "cg": f"CG Hessian ({EXACT_LAYER})",
     "relatif": "RelatIF (EK-FAC)",
     "randproj": "random projection",
     "representer": "representer points",
@@ -114,13 +123,9 @@ class _TimedInfluence(InfluenceAnalysis):
             self.seconds += time.perf_counter() - t0
 
 
-def _recall_top(score: np.ndarray, target: np.ndarray, share: float = 0.1) -> float:
-    """Share of the positives found among the ``ceil(share * N)`` highest scores (NaN last;
-    ``inf`` / ``-inf`` rank first / last)."""
-    score = np.where(np.isnan(score), -np.inf, score)
-    n_top = max(1, math.ceil(share * len(score)))
-    top = np.argsort(-score, kind="stable")[:n_top]
-    return float(target[top].sum() / max(1, target.sum()))
+def _label(key: str) -> str:
+    """The printed name of a method or baseline (its registry name when the demo has none)."""
+    return LABELS.get(key, key)
 
 
 def _margin(model: L.LightningModule, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -155,12 +160,9 @@ def load_breast_cancer_flipped(
         x: (n, 30) float32; y_noisy: (n,) int64 training labels; y_true: (n,) int64;
         flipped: (n,) bool.
     """
-    try:
-        from sklearn.datasets import load_breast_cancer
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The demo data needs scikit-learn: pip install scikit-learn (or `make demo`)."
-        ) from err
+    require_sklearn("load_breast_cancer_flipped")
+    from sklearn.datasets import load_breast_cancer
+
     data = load_breast_cancer()
     x = data.data.astype(np.float64)
     x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
@@ -182,7 +184,7 @@ def _load(dataset: str, seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 def _analysis_options(m: str, projection_dim: int, gex_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """The per-method arguments of InfluenceAnalysis in the demo."""
-    if m == "exact":
+    if m in ("exact", "cg"):
         return {"layers": [EXACT_LAYER]}
     if m == "relatif":
         return {"relatif_base": "ekfac"}
@@ -219,8 +221,10 @@ def run_influence_demo(
     results.
 
     Args:
-        method: one of :data:`DEMO_METHODS` (``"exact"``: damped Hessian of the last layer,
-            ``net.4``; ``"relatif"``: on EK-FAC) or ``"all"`` (every one, plus TracIn).
+        method: a method of the registry, ``lightning_memo.influence.registry.METHODS``
+            (``"exact"`` and ``"cg"``: damped Hessian of the last layer, ``net.4``, solved
+            directly / by conjugate gradients; ``"relatif"``: on EK-FAC), or ``"all"``: every
+            one of :data:`DEMO_METHODS`, plus TracIn.
         epochs: training epochs (Adam, ``lr``); ``None``: 40 for both datasets. With lr 3e-3 the
             MLP fits most flipped labels within 40 epochs, as in the TracIn demo.
         out_dir: folder of the TensorBoard logs, the influence files and the PNGs.
@@ -250,7 +254,7 @@ def run_influence_demo(
     Returns:
         ``rows`` (one per score: ``score`` name, ``key`` (method, ``"tracin"``, ``"loss"`` or
         ``"margin"``), ``auroc``, ``recall`` (share of the flipped samples among the top 10 %
-        scores), ``auroc_relatif`` / ``recall_relatif`` (self-influence / hinv_norm for the four
+        scores), ``auroc_relatif`` / ``recall_relatif`` (self-influence / hinv_norm for the
         Hessian methods; NaN otherwise), ``seconds`` (NaN for baselines), ``n_inf`` (infinite
         scores, ranked first / last)), ``methods``, ``dataset``, ``self_influence`` and
         ``hinv_norm`` (``{method: (N,)}``; hinv_norm NaN for methods without a Hessian),
@@ -275,6 +279,7 @@ def run_influence_demo(
         raise ValueError(f"epochs={epochs!r} must be >= 1.")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r} must lie in (0, 1).")
+    require_sklearn("The influence demo")
     gex_kwargs = dict(GEX_DEMO if gex_kwargs is None else gex_kwargs)
     with_tracin = method == "all" if tracin is None else bool(tracin)
     every = max(1, epochs // 10)
@@ -283,7 +288,7 @@ def run_influence_demo(
     sp = flipped_split(x, y_noisy, y_true, flipped_all, val_fraction, seed, batch_size)
     tr, val, x_tr, y_tr, x_val, y_val, flipped, loader, queries = sp
 
-    with _quiet_single_thread():
+    with quiet_single_thread():
         L.seed_everything(seed, verbose=False)
         run_name = "influence_demo" if dataset == "digits" else f"influence_demo_{dataset}"
         logger = L.pytorch.loggers.TensorBoardLogger(out_dir, name=run_name)
@@ -293,7 +298,7 @@ def run_influence_demo(
             analyses[m] = _TimedInfluence(
                 method=m,
                 queries=queries,
-                damping=damping if m in (*HESSIAN_DEMO, "relatif") else None,
+                damping=damping if m in (*WITH_HESSIAN, "relatif") else None,
                 arnoldi_dim=arnoldi_dim,
                 arnoldi_k=arnoldi_k,
                 max_examples=max_examples,
@@ -308,7 +313,7 @@ def run_influence_demo(
         callbacks: List[Any] = []
         tr_cb = None
         if with_tracin:
-            tr_cb = _TimedTracIn(
+            tr_cb = TimedTracIn(
                 projection_dim=1024,
                 every_n_epochs=every,
                 top_k=K_SHOW,
@@ -321,7 +326,7 @@ def run_influence_demo(
         callbacks += list(analyses.values())
         model = DigitsMLP(hidden=hidden, lr=lr, in_dim=x.shape[1], n_classes=n_classes)
         fit_s = fit_demo(model, loader, callbacks, logger, epochs)
-        final_loss = _per_sample_loss(model, x_tr, y_tr)
+        final_loss = per_sample_loss(model, x_tr, y_tr)
         margin = _margin(model, x_tr, y_tr)
         with torch.no_grad():
             fitted = (model(x_tr).argmax(1) == y_tr).numpy()
@@ -334,10 +339,10 @@ def run_influence_demo(
             {
                 "score": name,
                 "key": key,
-                "auroc": _auroc(score, flipped),
-                "recall": _recall_top(score, flipped),
-                "auroc_relatif": float("nan") if rel is None else _auroc(rel, flipped),
-                "recall_relatif": float("nan") if rel is None else _recall_top(rel, flipped),
+                "auroc": auroc(score, flipped),
+                "recall": recall_top(score, flipped),
+                "auroc_relatif": float("nan") if rel is None else auroc(rel, flipped),
+                "recall_relatif": float("nan") if rel is None else recall_top(rel, flipped),
                 "seconds": seconds,
                 "n_inf": int(np.isinf(score).sum()),
             }
@@ -348,10 +353,10 @@ def run_influence_demo(
         self_inf[m] = a.self_influence.numpy()
         norms[m] = a.hinv_norm.numpy()
         rel = None
-        if m in HESSIAN_DEMO:
+        if m in WITH_HESSIAN:
             with np.errstate(divide="ignore", invalid="ignore"):
                 rel = np.where(norms[m] > 0, self_inf[m] / norms[m], 0.0)
-        name = LABELS[m] + (" self-influence" if m != "boundary" else "")
+        name = _label(m) + (" self-influence" if m != "boundary" else "")
         add(name, m, self_inf[m], a.seconds, rel)
     tracin_s = float("nan")
     if tr_cb is not None:
@@ -389,7 +394,7 @@ def run_influence_demo(
         im = proponents_figure(x_val.numpy(), x_tr.numpy(), exs)
         name = PNG_NAME if i == 0 else PNG_NAME.replace(".png", f"_{m}.png")
         path = os.path.join(out_dir, name)
-        backend = _save_png(im, path)
+        backend = save_png(im, path)
         pngs[m] = os.path.abspath(path)
         if i == 0:
             img = im
@@ -459,7 +464,7 @@ def _damping_used(a: InfluenceAnalysis) -> Any:
     kfac = getattr(est, "kfac", None)
     if kfac is not None:
         return {n: kfac.layer_damping(n) for n in kfac.dims}
-    if a.method not in (*HESSIAN_DEMO, "relatif"):
+    if a.method not in (*WITH_HESSIAN, "relatif"):
         return None
     return getattr(est, "damping", None)
 
@@ -649,7 +654,7 @@ def _print_report(r: Dict[str, Any]) -> None:
             d = f"{d:.2e}"
         else:
             continue
-        print(f"  damping used by {LABELS[m]}: {d}")
+        print(f"  damping used by {_label(m)}: {d}")
     if r["top5"]:
         print(
             f"\nTop-{K_SHOW} proponents / opponents of all {r['n_val']} queries: share of the "
@@ -658,7 +663,7 @@ def _print_report(r: Dict[str, Any]) -> None:
         print(f"  {'method':<28} {'pro. same label':>15} {'pro. flipped':>12} {'opp. flipped':>12}")
         for m, t in r["top5"].items():
             print(
-                f"  {LABELS[m]:<28} {t['proponent_label_share']:>15.0%} "
+                f"  {_label(m):<28} {t['proponent_label_share']:>15.0%} "
                 f"{t['proponent_flipped_share']:>12.0%} {t['opponent_flipped_share']:>12.0%}"
             )
     for ex in r["examples"]:
@@ -671,14 +676,14 @@ def _print_report(r: Dict[str, Any]) -> None:
             for lab, f in zip(ex["opponent_labels"], ex["opponent_flipped"])
         )
         print(
-            f"  {LABELS[r['png_method']]}, query {ex['query']} (label {ex['label']}): "
+            f"  {_label(r['png_method'])}, query {ex['query']} (label {ex['label']}): "
             f"proponents' labels {pro} | opponents' labels {opp}"
         )
     if r["examples"]:
         print("  (* = flipped label)")
     if r["png"] is not None:
         print(
-            f"\nPicture ({r['png_shape'][1]}x{r['png_shape'][0]} px, {LABELS[r['png_method']]}): "
+            f"\nPicture ({r['png_shape'][1]}x{r['png_shape'][0]} px, {_label(r['png_method'])}): "
             f"{r['png']}\n  each row: the query, its {K_SHOW} proponents, its {K_SHOW} opponents; "
             "caption = label (training label for\n  training samples); red frame = flipped "
             "training label."

@@ -14,62 +14,32 @@ captioned with its label; flipped training samples carry a red frame.
 from __future__ import annotations
 
 import os
-import struct
 import time
-import zlib
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback
-from torch.utils.data import DataLoader, TensorDataset
 
-from .callbacks.tracin import MODES, TracIn
-from .data import IndexedDataset, load_digits_flipped
-from .demo import DigitsMLP, _auroc, fit_demo
-from .demo_erasure import _quiet_single_thread
-from .viz import as_image, image_grid
-
-__all__ = ["run_tracin_demo", "proponents_figure"]
-
-PNG_NAME = "tracin_proponents.png"
-TILE_SCALE = 6  # 8x8 digits drawn at 48x48 pixels
-FRAME = 3  # width of the red frame of a flipped training sample, in pixels
-GAP = 12  # white space between the query, the proponents and the opponents, and between rows
-_HOOKS = (
-    "setup",
-    "on_train_start",
-    "on_train_batch_start",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_train_batch_end",
-    "on_train_epoch_end",
-    "on_fit_end",
+from ..callbacks.tracin import MODES
+from ..viz import save_png
+from ._common import (
+    DigitsMLP,
+    TimedTracIn,
+    auroc,
+    fit_demo,
+    flipped_split,
+    load_digits_flipped,
+    per_sample_loss,
+    proponents_figure,
+    quiet_single_thread,
+    require_sklearn,
 )
 
+__all__ = ["run_tracin_demo", "PNG_NAME"]
 
-class _TimedTracIn(TracIn):
-    """TracIn that adds the wall time spent in its own hooks to ``self.seconds``."""
-
-    seconds: float = 0.0
-
-
-def _timed(name: str) -> Any:
-    def hook(self: _TimedTracIn, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return getattr(super(_TimedTracIn, self), name)(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-    hook.__name__ = name
-    return hook
-
-
-for _name in _HOOKS:
-    setattr(_TimedTracIn, _name, _timed(_name))
+PNG_NAME = "tracin_proponents.png"
 
 
 class _LossRecorder(Callback):
@@ -84,17 +54,7 @@ class _LossRecorder(Callback):
         epoch = trainer.current_epoch + 1
         if epoch % self.every:
             return
-        self.losses[epoch] = _per_sample_loss(pl_module, self.x, self.y)
-
-
-def _per_sample_loss(model: L.LightningModule, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return F.cross_entropy(model(x), y, reduction="none").numpy()
-    finally:
-        model.train(was_training)
+        self.losses[epoch] = per_sample_loss(pl_module, self.x, self.y)
 
 
 def _recall_at(score: np.ndarray, target: np.ndarray, n: int) -> float:
@@ -102,47 +62,6 @@ def _recall_at(score: np.ndarray, target: np.ndarray, n: int) -> float:
     precision and the recall at that cut are equal)."""
     top = np.argsort(-score, kind="stable")[:n]
     return float(target[top].sum() / max(1, target.sum()))
-
-
-class FlippedSplit(NamedTuple):
-    """Indices into the dataset, tensors, the training part's flipped mask and the loaders."""
-
-    tr: np.ndarray
-    val: np.ndarray
-    x_tr: torch.Tensor
-    y_tr: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    flipped: np.ndarray
-    loader: DataLoader
-    queries: DataLoader
-
-
-def flipped_split(
-    x: np.ndarray,
-    y_noisy: np.ndarray,
-    y_true: np.ndarray,
-    flipped_all: np.ndarray,
-    val_fraction: float,
-    seed: int,
-    batch_size: int,
-) -> FlippedSplit:
-    """Seeded split of a flipped-label dataset: the training part keeps the noisy labels (a
-    shuffled loader over an ``IndexedDataset``), the validation part the true labels (the query
-    loader)."""
-    perm = np.random.default_rng(seed).permutation(len(y_true))
-    n_val = int(round(val_fraction * len(y_true)))
-    val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    x_tr, y_tr = torch.from_numpy(x[tr]), torch.from_numpy(y_noisy[tr])
-    x_val, y_val = torch.from_numpy(x[val]), torch.from_numpy(y_true[val])
-    loader = DataLoader(
-        IndexedDataset(TensorDataset(x_tr, y_tr)),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    queries = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
-    return FlippedSplit(tr, val, x_tr, y_tr, x_val, y_val, flipped_all[tr], loader, queries)
 
 
 def run_tracin_demo(
@@ -192,14 +111,15 @@ def run_tracin_demo(
         raise ValueError(f"epochs={epochs!r} must be >= 1.")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r} must lie in (0, 1).")
+    require_sklearn("The TracIn demo")
     every = every_n_epochs or max(1, epochs // 10)
     x, y_noisy, y_true, flipped_all = load_digits_flipped(0.1, seed)
     sp = flipped_split(x, y_noisy, y_true, flipped_all, val_fraction, seed, batch_size)
     tr, val, x_tr, y_tr, x_val, _, flipped, loader, queries = sp
 
-    with _quiet_single_thread():
+    with quiet_single_thread():
         L.seed_everything(seed, verbose=False)
-        tracin = _TimedTracIn(
+        tracin = TimedTracIn(
             mode=mode,
             projection_dim=projection_dim,
             every_n_epochs=every,
@@ -216,9 +136,9 @@ def run_tracin_demo(
         fit_s = fit_demo(model, loader, [losses, tracin], logger, epochs)
         t0 = time.perf_counter()
         self_inf = tracin.self_influence.cpu().numpy()
-        scores = tracin.scores()
+        scores = tracin.scores
         scores_s = time.perf_counter() - t0
-        final_loss = _per_sample_loss(model, x_tr, y_tr)
+        final_loss = per_sample_loss(model, x_tr, y_tr)
         with torch.no_grad():
             fitted = (model(x_tr).argmax(1) == y_tr).numpy()
 
@@ -233,7 +153,7 @@ def run_tracin_demo(
         baselines.append((f"loss after epoch {first}", losses.losses[first]))
         baselines.append((f"loss summed over {n_ends} epoch ends", sum(losses.losses.values())))
     rows = [
-        {"score": name, "auroc": _auroc(s, flipped), "recall": _recall_at(s, flipped, n_flip)}
+        {"score": name, "auroc": auroc(s, flipped), "recall": _recall_at(s, flipped, n_flip)}
         for name, s in baselines
     ]
 
@@ -266,7 +186,7 @@ def run_tracin_demo(
     os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, PNG_NAME)
     img = proponents_figure(x_val.numpy(), x_tr.numpy(), examples)
-    backend = _save_png(img, png)
+    backend = save_png(img, png)
 
     result = {
         "rows": rows,
@@ -301,87 +221,6 @@ def run_tracin_demo(
     if verbose:
         _print_report(result)
     return result
-
-
-# --------------------------------------------------------------------------- the PNG
-def _tile(x: np.ndarray, caption: str, framed: bool) -> torch.Tensor:
-    """One 8x8 digit as dark ink on white, scaled, captioned by ``image_grid``; ``framed``: red."""
-    im = 1.0 - as_image(torch.from_numpy(x), (8, 8))  # (1, 8, 8) in [0, 1], ink dark
-    im = im.repeat_interleave(TILE_SCALE, 1).repeat_interleave(TILE_SCALE, 2).repeat(3, 1, 1)
-    if framed:
-        red = torch.tensor([0.85, 0.1, 0.1]).view(3, 1, 1)
-        im[:, :FRAME, :] = red
-        im[:, -FRAME:, :] = red
-        im[:, :, :FRAME] = red
-        im[:, :, -FRAME:] = red
-    return image_grid([im], [caption])
-
-
-def proponents_figure(
-    x_query: np.ndarray, x_train: np.ndarray, examples: Sequence[Dict[str, Any]]
-) -> np.ndarray:
-    """The proponents / opponents picture as an (H, W, 3) uint8 array.
-
-    One row per example: the query, a gap, its proponents, a gap, its opponents (most influential
-    first). Each tile is the 8x8 digit (dark ink on white, scaled by ``TILE_SCALE``) with its label
-    printed under it by :func:`lightning_memo.io.image_grid`: the true label for the query,
-    the training (possibly flipped) label for the others; flipped training samples have a red
-    frame.
-
-    Args:
-        x_query: (n_query, 64) query inputs; x_train: (N, 64) training inputs.
-        examples: dicts with ``query``, ``label``, ``proponents`` / ``opponents`` (training
-            indices), ``proponent_labels`` / ``opponent_labels`` and ``proponent_flipped`` /
-            ``opponent_flipped``.
-    """
-    rows: List[torch.Tensor] = []
-    for ex in examples:
-        q = _tile(x_query[ex["query"]], str(ex["label"]), False)
-        gap = torch.ones(3, q.shape[1], GAP)
-        parts = [q, gap]
-        for side in ("proponent", "opponent"):
-            for i, lab, flip in zip(ex[f"{side}s"], ex[f"{side}_labels"], ex[f"{side}_flipped"]):
-                parts.append(_tile(x_train[int(i)], str(int(lab)), bool(flip)))
-            parts.append(gap)
-        rows.append(torch.cat(parts[:-1], dim=2))
-    width = max(r.shape[2] for r in rows)
-    out: List[torch.Tensor] = []
-    for r in rows:
-        if r.shape[2] < width:
-            r = torch.cat([r, torch.ones(3, r.shape[1], width - r.shape[2])], dim=2)
-        out += [r, torch.ones(3, GAP, width)]
-    img = torch.cat(out[:-1], dim=1)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def _save_png(img: np.ndarray, path: str) -> str:
-    """Write an (H, W, 3) uint8 array as PNG with Pillow when installed, else with zlib."""
-    try:
-        from PIL import Image
-    except ImportError:
-        _write_png_zlib(img, path)
-        return "zlib"
-    Image.fromarray(img, "RGB").save(path)
-    return "PIL"
-
-
-def _write_png_zlib(img: np.ndarray, path: str) -> None:
-    """Minimal 8-bit RGB PNG writer (no image library needed)."""
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        body = tag + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    png = (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(raw, 9))
-        + chunk(b"IEND", b"")
-    )
-    with open(path, "wb") as f:
-        f.write(png)
 
 
 # --------------------------------------------------------------------------- report

@@ -40,8 +40,8 @@ Two variants behind :class:`RepresenterPoints` (math core, torch only):
   is ``[M_z f_q]_{c_q}``, z's share of the query's logit of class ``c_q``.
 
 Rows (for :func:`~lightning_memo.influence.methods.query_matrix` / ``train_pass``), flattened
-class-major over (C, d): ``train_rows(z) = vec(alpha_z f_z^T)`` (refit) or ``vec(M_z)`` (LJE);
-``query_rows(q) = vec(e_{c_q} f_q^T)``, so ``<query_rows(q), train_rows(z)>`` is the score.
+class-major over (C, d): ``train_rows_batch(z) = vec(alpha_z f_z^T)`` (refit) or ``vec(M_z)``
+(LJE); ``query_rows_batch(q) = vec(e_{c_q} f_q^T)``, so their inner product is the score.
 
 Conventions:
     * Features ``f`` are the input of the final ``nn.Linear`` (captured by a forward hook), in
@@ -51,12 +51,14 @@ Conventions:
     * Loss: softmax cross-entropy on the logits (``loss_fn`` of ``fit`` is not used), against the
       labels (``targets="label"``) or the trained model's own softmax probabilities
       (``targets="model"``, as in Yeh et al.'s released code).
-    * ``self_influence(z)``: by default the score of z on itself at its label class,
+    * ``self_influence_batch(z)``: by default the score of z on itself at its label class,
       ``alpha_{z,y_z} ||f_z||^2`` (refit) and ``[M_z f_z]_{y_z}`` (LJE, the "self_influence" of the
       authors' code); ``self_measure="alpha"`` (refit only) gives Yeh et al.'s importance
       ``|alpha_{z,y_z}|`` (``= (1 - p_{y_z}) / (2 lambda n)`` for labels).
-    * The row functions receive the batch (``uses_gradients = False``) and run the model; the
-      rows are float64 on the model's device, of width C * (d + 1).
+    * The entry points receive the batch (``uses_gradients = False``) and run the model on
+      ``input_fn(batch)``; labels come from ``label_fn(batch)`` (both callables, given to the
+      constructor or in the fit context); the rows are float64 on the model's device, of width
+      C * (d + 1). The weight math is :mod:`lightning_memo.influence.last_layer`.
 
 Cost: one forward pass over the training set; features (n, d + 1) float64 are kept. Refit:
 LBFGS then Newton-CG on exact Hessian-vector products, O(n C d) each. LJE: the exact
@@ -65,75 +67,25 @@ LBFGS then Newton-CG on exact Hessian-vector products, O(n C d) each. LJE: the e
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..data import get_labels, make_accessor
-from ..exceptions import LayerNotFoundError
-from .hessian import conjugate_gradient
-from .methods import InfluenceMethod
+from ...exceptions import MissingIndexError
+from ..last_layer import check_output_layer, find_output_linear, layer_features, lje_step, refit_l2
+from .base import BatchInfluenceMethod, FitContext, LossFn
 
-__all__ = ["RepresenterPoints", "find_output_linear"]
+__all__ = ["RepresenterPoints"]
 
 VARIANTS = ("refit", "lje")
 #: largest C x (d + 1) for which the LJE variant builds and eigendecomposes the exact Hessian
 MAX_LJE_PARAMS = 10_000
+BatchFn = Callable[[Any], Any]
 
 
-def _describe_module(name: str, module: nn.Module) -> str:
-    return f"{name or '<root>'!r} ({type(module).__name__})"
-
-
-def find_output_linear(
-    model: nn.Module,
-    layer: Union[None, str, nn.Module] = None,
-) -> Tuple[str, nn.Linear]:
-    """The ``nn.Linear`` meant to produce the model's output (not yet checked by a forward pass).
-
-    Args:
-        model: the network.
-        layer: ``None`` (the last ``nn.Linear`` in ``model.named_modules()`` order), a module
-            name or the module itself.
-
-    Returns:
-        ``(name, module)``.
-    """
-    named = dict(model.named_modules())
-    if layer is None:
-        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            kinds = [_describe_module(n, m) for n, m in named.items() if n][:8]
-            raise ValueError(
-                f"Representer points need a model whose output is an nn.Linear layer (its input "
-                f"is the feature vector of each sample), but {type(model).__name__} has no "
-                f"nn.Linear module (its modules: {', '.join(kinds) or 'none'}). Give the model a "
-                "final nn.Linear head that returns the logits."
-            )
-        return linears[-1]
-    if isinstance(layer, str):
-        if layer not in named:
-            raise LayerNotFoundError.for_name(layer, named)
-        name, module = layer, named[layer]
-    else:
-        found = [n for n, m in named.items() if m is layer]
-        if not found:
-            raise ValueError(
-                f"layer={type(layer).__name__}(...) is not a module of {type(model).__name__}."
-            )
-        name, module = found[0], layer
-    if not isinstance(module, nn.Linear):
-        raise ValueError(
-            f"layer={name!r} is a {type(module).__name__}; representer points need the "
-            "nn.Linear layer whose output is the model's output."
-        )
-    return name, module
-
-
-class RepresenterPoints(InfluenceMethod):
+class RepresenterPoints(BatchInfluenceMethod):
     """Representer points of the last Linear layer: Yeh et al. (NeurIPS 2018, L2 refit) or the
     local Jacobian expansion of Sui, Wu & Sanner (NeurIPS 2021). See the module docstring.
 
@@ -150,9 +102,8 @@ class RepresenterPoints(InfluenceMethod):
             ``"model"`` (with the trained model's softmax probabilities).
         self_measure: ``"score"`` (the sample's score on itself at its label class) or
             ``"alpha"`` (``|alpha_{z,y_z}|``, refit only).
-        input_fn: ``batch -> inputs`` for ``model(inputs)``; ``None``: ``batch[0]`` /
-            ``batch["input"]`` (see :func:`lightning_memo.data.make_accessor`).
-        label_fn: ``batch -> (B,)`` integer labels; ``None``: ``batch[1]`` / ``batch["label"]``.
+        input_fn: ``batch -> inputs`` for ``model(inputs)``; ``None``: the fit context's.
+        label_fn: ``batch -> (B,)`` integer labels; ``None``: the fit context's.
         ascent_lr: LJE only: size of the gradient-ascent step from the trained weights to the
             expansion point (0: expand at the trained weights).
         damping: LJE only: ``None`` solves with the pseudo-inverse of ``H`` (eigenvalues below
@@ -166,8 +117,8 @@ class RepresenterPoints(InfluenceMethod):
 
     Attributes (after ``fit``):
         features: (n, d') float64 training features (``d' = d + 1`` with a bias), in the order of
-            the fit batches; ``labels`` (n,); ``indices`` (n,) sample indices when the batches
-            carry them (else positions).
+            the fit batches; ``labels`` (n,); ``indices`` (n,) sample indices when the fit
+            context has an ``index_fn`` (else positions).
         trained_weights: (C, d') ``[W | b]`` of the trained layer.
         weights: (C, d') the weights the decomposition sums to: ``W*`` (refit) or ``Theta_N``
             (LJE); ``sum_i rows_i`` reproduces ``weights @ f``.
@@ -176,7 +127,6 @@ class RepresenterPoints(InfluenceMethod):
         stationarity: max |grad J(W*)| (refit) or max |grad L(Theta_N)| (LJE, diagnostic).
     """
 
-    uses_gradients = False
     fit_data = "train"
     has_scores = True
     cacheable = False
@@ -189,8 +139,8 @@ class RepresenterPoints(InfluenceMethod):
         target: str = "predicted",
         targets: str = "label",
         self_measure: str = "score",
-        input_fn: Optional[Callable[[Any], torch.Tensor]] = None,
-        label_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+        input_fn: Optional[BatchFn] = None,
+        label_fn: Optional[BatchFn] = None,
         ascent_lr: float = 0.0,
         damping: Optional[float] = None,
         rcond: float = 1e-10,
@@ -221,12 +171,14 @@ class RepresenterPoints(InfluenceMethod):
             raise ValueError(f"ascent_lr={ascent_lr!r}: must be >= 0.")
         if not (float(tol) > 0 and int(max_iter) >= 1 and float(rcond) > 0):
             raise ValueError(f"tol={tol}, max_iter={max_iter}, rcond={rcond}: need > 0, >= 1, > 0.")
+        for what, fn in (("input_fn", input_fn), ("label_fn", label_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{what} must be a callable batch -> tensor, got {fn!r}.")
         self.variant = variant
         self.name = "representer" if variant == "refit" else "representer_lje"
         self.l2, self.layer_spec, self.target, self.targets = float(l2), layer, target, targets
         self.self_measure = self_measure
-        self.input_fn = make_accessor(input_fn, "input")
-        self.label_fn = make_accessor(label_fn, "label")
+        self.input_fn, self.label_fn = input_fn, label_fn
         self.ascent_lr, self.rcond = float(ascent_lr), float(rcond)
         self.tol, self.max_iter, self.max_params = float(tol), int(max_iter), int(max_params)
         self.model: Optional[nn.Module] = None
@@ -244,102 +196,24 @@ class RepresenterPoints(InfluenceMethod):
         self.refit_gap = float("nan")
         self.stationarity = float("nan")
 
-    # ------------------------------------------------------------------ forward passes
+    # ------------------------------------------------------------------ batches
+    def _need(self, fn: Optional[BatchFn], what: str, example: str) -> BatchFn:
+        if fn is None:
+            raise ValueError(
+                f"RepresenterPoints needs {what}: pass it to the constructor or in the fit "
+                f"context (e.g. context={{{what.split('(')[0]!r}: {example}}})."
+            )
+        return fn
+
+    def _inputs(self, batch: Any) -> Any:
+        return self._need(self.input_fn, "input_fn(batch) -> inputs", "lambda b: b[0]")(batch)
+
     def _forward(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(features (B, d') float64, model output (B, C))`` of one batch, no autograd."""
         if self.model is None or self.layer is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(...) first.")
-        got: Dict[str, torch.Tensor] = {}
+        return layer_features(self.model, self.layer_name, self.layer, self._inputs(batch))
 
-        def hook(_m: nn.Module, inp: Tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-            got["f"] = inp[0]
-
-        handle = self.layer.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                out = self.model(self.input_fn(batch))
-        finally:
-            handle.remove()
-        if "f" not in got:
-            raise RuntimeError(
-                f"The layer {self.layer_name!r} did not run in the model's forward pass."
-            )
-        return self._augment(got["f"]), out
-
-    def _augment(self, f: torch.Tensor) -> torch.Tensor:
-        if f.ndim != 2:
-            raise ValueError(
-                f"The input of {self.layer_name!r} has shape {tuple(f.shape)}; representer points "
-                "need one feature vector per sample (B, d): pool sequence features before the "
-                "final nn.Linear."
-            )
-        f = f.detach().to(torch.float64)
-        if self.layer.bias is not None:
-            f = torch.cat([f, torch.ones_like(f[:, :1])], dim=1)
-        return f
-
-    def _verify(self, model: nn.Module, batch: Any) -> None:
-        """Check on one batch that the layer's output IS the model's output; else say which
-        module the output came from."""
-        calls: List[Tuple[str, nn.Module, Any]] = []
-        got: Dict[str, Any] = {}
-
-        def leaf_hook(name: str) -> Callable:
-            def hook(m: nn.Module, _inp: Any, out: Any) -> None:
-                calls.append((name, m, out))
-
-            return hook
-
-        def layer_hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-            got["out"] = out
-
-        handles = [self.layer.register_forward_hook(layer_hook)]
-        for name, m in model.named_modules():
-            if m is not self.layer and not list(m.children()):
-                handles.append(m.register_forward_hook(leaf_hook(name)))
-        try:
-            with torch.no_grad():
-                out = model(self.input_fn(batch))
-        finally:
-            for h in handles:
-                h.remove()
-        found = _describe_module(self.layer_name, self.layer)
-        if "out" not in got:
-            raise ValueError(f"The last nn.Linear {found} did not run in the model's forward pass.")
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(
-                f"The model returned a {type(out).__name__}, not a tensor of logits; representer "
-                f"points need a model whose output is its last nn.Linear ({found}). Wrap the "
-                "model so forward() returns the logits tensor."
-            )
-        lin = got["out"]
-        if out is lin or (out.shape == lin.shape and torch.equal(out, lin)):
-            if out.ndim != 2:
-                raise ValueError(
-                    f"The model's output has shape {tuple(out.shape)}; representer points need "
-                    "(batch, classes) logits."
-                )
-            return
-        source = None
-        for name, m, o in reversed(calls):
-            if o is out or (isinstance(o, torch.Tensor) and o.shape == out.shape and
-                            torch.equal(o, out)):  # fmt: skip
-                source = f"module {_describe_module(name, m)}"
-                break
-        if source is None:
-            last = _describe_module(calls[-1][0], calls[-1][1]) if calls else "none"
-            source = (
-                "an operation in forward() after the last module call (no module returned it; "
-                f"the last module called was {last})"
-            )
-        raise ValueError(
-            f"Representer points need a model whose output is a Linear layer: the last "
-            f"nn.Linear found is {found}, but the model's output comes from {source}. Return the "
-            "Linear layer's logits from forward() (put softmax / normalisation into the loss), "
-            "or pass layer= naming the nn.Linear whose output the model returns."
-        )
-
-    # ------------------------------------------------------------------ fit
     def _targets(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, C) targets of the cross-entropy: one-hot labels or the model's probabilities."""
         if self.targets == "model":
@@ -347,7 +221,14 @@ class RepresenterPoints(InfluenceMethod):
         return F.one_hot(y, out.shape[1]).to(torch.float64)
 
     def _labels(self, batch: Any, num_classes: int) -> torch.Tensor:
-        y = get_labels(batch, self.label_fn)
+        fn = self._need(self.label_fn, "label_fn(batch) -> labels", "lambda b: b[1]")
+        y = torch.as_tensor(fn(batch))
+        if y.ndim != 1 or y.is_floating_point() or y.dtype == torch.bool:
+            raise ValueError(
+                f"label_fn must return (B,) integer class ids; got dtype {y.dtype}, shape "
+                f"{tuple(y.shape)}."
+            )
+        y = y.long()
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             bad = int(y.max()) if int(y.max()) >= num_classes else int(y.min())
             raise ValueError(
@@ -356,20 +237,29 @@ class RepresenterPoints(InfluenceMethod):
             )
         return y
 
-    def _fit(self, model, params, loss_fn, batches, progress=None, **kw):
+    # ------------------------------------------------------------------ fit
+    def _fit(
+        self,
+        model: nn.Module,
+        params: Dict[str, nn.Parameter],
+        loss_fn: Optional[LossFn],
+        data: Iterable[Any],
+        context: FitContext,
+    ) -> None:
         self.model = model
+        self.input_fn = self.input_fn or context.input_fn
+        self.label_fn = self.label_fn or context.label_fn
         self.layer_name, self.layer = find_output_linear(model, self.layer_spec)
         w = self.layer.weight.detach().to(torch.float64)
         if self.layer.bias is not None:
             w = torch.cat([w, self.layer.bias.detach().to(torch.float64)[:, None]], dim=1)
         self.trained_weights = w
         feats, labels, targets, idx = [], [], [], []
-        index_fn = make_accessor(None, "index")
-        has_index = True
-        it = progress(batches) if progress is not None else batches
+        has_index = context.index_fn is not None
+        it = context.progress(data) if context.progress is not None else data
         for i, batch in enumerate(it):
             if i == 0:
-                self._verify(model, batch)
+                check_output_layer(model, self.layer_name, self.layer, self._inputs(batch))
             f, out = self._forward(batch)
             y = self._labels(batch, out.shape[1]).to(f.device)
             feats.append(f)
@@ -377,8 +267,9 @@ class RepresenterPoints(InfluenceMethod):
             targets.append(self._targets(out, y))
             if has_index:
                 try:
-                    idx.append(torch.as_tensor(index_fn(batch)).reshape(-1).long().cpu())
-                except (KeyError, IndexError, TypeError):
+                    ids = context.index_fn(batch)
+                    idx.append(torch.as_tensor(ids).reshape(-1).long().cpu())
+                except (KeyError, IndexError, TypeError, MissingIndexError):
                     has_index = False
         if not feats:
             raise ValueError("Representer points got an empty training set.")
@@ -396,125 +287,13 @@ class RepresenterPoints(InfluenceMethod):
         tmat = torch.cat(targets)
         w = self.trained_weights.to(fmat.device)
         if self.variant == "refit":
-            self._refit(fmat, tmat, w)
+            res = refit_l2(fmat, tmat, w, self.l2, self.tol, self.max_iter)
+            self.alpha = res["alpha"]
         else:
-            self._lje(fmat, tmat, w)
+            res = lje_step(fmat, tmat, w, self.ascent_lr, self.damping, self.rcond, self.max_params)
+            self.expansion_weights, self.hinv = res["expansion_weights"], res["hinv"]
+        self.weights, self.stationarity = res["weights"], res["stationarity"]
         self.refit_gap = float((fmat @ (w - self.weights).T).abs().max())
-
-    def _objective(self, fmat: torch.Tensor, tmat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        logits = fmat @ w.T
-        ce = -(tmat * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
-        return ce + self.l2 * w.square().sum()
-
-    def _refit(self, fmat: torch.Tensor, tmat: torch.Tensor, w0: torch.Tensor) -> None:
-        """LBFGS (float64, strong Wolfe) on J from the trained weights, then alpha."""
-        n = fmat.shape[0]
-        w = w0.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS(
-            [w],
-            lr=1.0,
-            max_iter=self.max_iter,
-            tolerance_grad=self.tol,
-            tolerance_change=0.0,
-            history_size=50,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = self._objective(fmat, tmat, w)
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            opt.step(closure)
-        w_star = self._newton_polish(fmat, tmat, w.detach())
-        g = torch.softmax(fmat @ w_star.T, dim=1) - tmat  # (n, C) dCE/dPhi
-        self.alpha = -g / (2.0 * self.l2 * n)
-        self.stationarity = float(self._grad_j(fmat, tmat, w_star).abs().max())
-        self.weights = w_star
-
-    def _grad_j(self, fmat: torch.Tensor, tmat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """(C, d') gradient of J at w."""
-        g = torch.softmax(fmat @ w.T, dim=1) - tmat
-        return g.T @ fmat / fmat.shape[0] + 2.0 * self.l2 * w
-
-    def _newton_polish(self, fmat: torch.Tensor, tmat: torch.Tensor, w: torch.Tensor):
-        """Newton steps on J (CG on exact Hessian-vector products, damping 2 lambda; step halved
-        until the largest gradient entry drops) until it is <= tol: LBFGS alone stalls near
-        |grad| ~ 1e-10 in float64 and is slow in J's flat directions (curvature 2 lambda)."""
-        n, d = fmat.shape
-        c = w.shape[0]
-        grad = self._grad_j(fmat, tmat, w)
-        best = float(grad.abs().max())
-        for _ in range(30):
-            if best <= self.tol:
-                break
-            prob = torch.softmax(fmat @ w.T, dim=1)
-
-            def hvp(v: torch.Tensor, prob: torch.Tensor = prob) -> torch.Tensor:
-                vv = v.T.reshape(-1, c, d)  # (m, C, d')
-                z = torch.einsum("nd,mcd->mnc", fmat, vv)
-                az = prob * z - prob * (prob * z).sum(dim=-1, keepdim=True)
-                return (torch.einsum("mnc,nd->mcd", az, fmat) / n).reshape(-1, c * d).T
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                step = conjugate_gradient(hvp, grad.reshape(-1), 2.0 * self.l2, tol=1e-13)
-            step = step.reshape(c, d)
-            for _half in range(30):
-                w_new = w - step
-                grad_new = self._grad_j(fmat, tmat, w_new)
-                new = float(grad_new.abs().max())
-                if new < best:
-                    break
-                step = step / 2
-            else:
-                break  # no step lowers the gradient: float64 precision reached
-            w, grad, best = w_new, grad_new, new
-        return w
-
-    def _hessian(self, fmat: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-        """(C d', C d') Hessian of the mean cross-entropy in vec(W) (class-major):
-        (1/n) sum_i (diag p_i - p_i p_i^T) kron f_i f_i^T."""
-        n, d = fmat.shape
-        c = prob.shape[1]
-        h = torch.zeros(c * d, c * d, dtype=torch.float64, device=fmat.device)
-        step = max(1, (1 << 22) // (c * d))
-        for s in range(0, n, step):
-            f, p = fmat[s : s + step], prob[s : s + step]
-            for a in range(c):
-                h[a * d : (a + 1) * d, a * d : (a + 1) * d] += (f * p[:, a : a + 1]).T @ f
-            g = (p[:, :, None] * f[:, None, :]).reshape(f.shape[0], c * d)
-            h -= g.T @ g
-        return h / n
-
-    def _lje(self, fmat: torch.Tensor, tmat: torch.Tensor, w: torch.Tensor) -> None:
-        n, d = fmat.shape
-        c = w.shape[0]
-        if c * d > self.max_params:
-            raise ValueError(
-                f"variant='lje' builds the exact {c * d} x {c * d} Hessian of the last layer "
-                f"({c} classes x {d} features); that is more than max_params={self.max_params}. "
-                "Use variant='refit', or raise max_params if memory allows."
-            )
-        if self.ascent_lr > 0:
-            g = torch.softmax(fmat @ w.T, dim=1) - tmat
-            w = w + self.ascent_lr * (g.T @ fmat / n)
-        self.expansion_weights = w
-        prob = torch.softmax(fmat @ w.T, dim=1)
-        h = self._hessian(fmat, prob)
-        evals, evecs = torch.linalg.eigh((h + h.T) / 2)
-        if self.damping is not None:
-            inv = 1.0 / (evals.clamp(min=0) + self.damping)
-        else:
-            keep = evals > self.rcond * evals.max().clamp(min=torch.finfo(torch.float64).tiny)
-            inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), 0.0)
-        self.hinv = (evecs * inv) @ evecs.T
-        grad = ((prob - tmat).T @ fmat / n).reshape(-1)
-        self.weights = w - (self.hinv @ grad).reshape(c, d)
-        g_n = torch.softmax(fmat @ self.weights.T, dim=1) - tmat
-        self.stationarity = float((g_n.T @ fmat / n).abs().max())
 
     # ------------------------------------------------------------------ rows
     def _terms(self, batch: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -543,7 +322,7 @@ class RepresenterPoints(InfluenceMethod):
         f, out = self._forward(batch)
         return self._alpha(f, out, self._labels(batch, out.shape[1]).to(f.device))
 
-    def query_rows(self, batch: Any) -> torch.Tensor:
+    def query_rows_batch(self, batch: Any) -> torch.Tensor:
         """(B, C d') float64: ``vec(e_{c_q} f_q^T)``, the query's class row filled with f_q."""
         f, out = self._forward(batch)
         if self.target == "label":
@@ -555,12 +334,12 @@ class RepresenterPoints(InfluenceMethod):
         rows[torch.arange(b, device=f.device), cls] = f
         return rows.reshape(b, -1)
 
-    def train_rows(self, batch: Any) -> torch.Tensor:
+    def train_rows_batch(self, batch: Any) -> torch.Tensor:
         """(B, C d') float64: ``vec(alpha_z f_z^T)`` (refit) or ``vec(M_z)`` (LJE)."""
         m, _, _ = self._terms(batch)
         return m.reshape(m.shape[0], -1)
 
-    def self_influence(self, batch: Any) -> torch.Tensor:
+    def self_influence_batch(self, batch: Any) -> torch.Tensor:
         """(B,) float64: the score of each sample on itself at its label class (refit:
         ``alpha_{z,y_z} ||f_z||^2``; LJE: ``[M_z f_z]_{y_z}``), or ``|alpha_{z,y_z}|``
         (``self_measure="alpha"``)."""
@@ -571,9 +350,9 @@ class RepresenterPoints(InfluenceMethod):
         m, f, y = self._terms(batch)
         return (m[torch.arange(m.shape[0], device=m.device), y] * f).sum(dim=1)
 
-    def hinv_norm(self, batch: Any) -> torch.Tensor:
+    def hinv_norm_batch(self, batch: Any) -> torch.Tensor:
         """(B,) NaN: representer points have no Hessian-inverse norm (no forward pass run)."""
-        b = len(self.input_fn(batch))
+        b = len(self._inputs(batch))
         return torch.full((b,), float("nan"), dtype=torch.float64)
 
     def decomposed_logits(self, batch: Any) -> torch.Tensor:

@@ -3,22 +3,25 @@ Hessian-inverse norm, so globally influential outliers stop dominating top-k lis
 
     RelatIF(q, z) = g_q^T (H + lambda I)^{-1} g_z / ||(H + lambda I)^{-1} g_z||
 
-Wraps any curvature method of :mod:`lightning_memo.influence.methods` (math core, torch only).
+Wraps any curvature method (exact, CG, Arnoldi, K-FAC, EK-FAC). Math core: torch only.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
+from torch import nn
 
-from .methods import Grads, InfluenceMethod
+from .base import FitContext, Grads, InfluenceMethod, LossFn
 
 __all__ = ["RelatIFInfluence"]
 
 
 class RelatIFInfluence(InfluenceMethod):
-    """RelatIF on top of ``base`` (exact, CG, Arnoldi, K-FAC or EK-FAC).
+    """RelatIF on top of ``base`` (exact, CG, Arnoldi, K-FAC or EK-FAC) (Barshan, Brunet,
+    Dziugaite, "RelatIF: Identifying Explanatory Training Examples via Relative Influence",
+    AISTATS 2020).
 
     Self-influence is ``g^T H^{-1} g / ||H^{-1} g||`` (the RelatIF of a sample with itself);
     ``hinv_norm`` is the base's.
@@ -35,8 +38,27 @@ class RelatIFInfluence(InfluenceMethod):
         self.base = base
         self.cacheable = base.cacheable
 
-    def _fit(self, model, params, loss_fn, batches, **kw):
-        self.base.fit(model, params, loss_fn, batches, **kw)
+    @property
+    def fit_shardable(self) -> bool:  # type: ignore[override]
+        return self.base.fit_shardable
+
+    @property
+    def whole_layers(self) -> bool:  # type: ignore[override]
+        return self.base.whole_layers
+
+    @property
+    def layer_types(self) -> Tuple[type, ...]:  # type: ignore[override]
+        return self.base.layer_types
+
+    def _fit(
+        self,
+        model: nn.Module,
+        params: Dict[str, nn.Parameter],
+        loss_fn: Optional[LossFn],
+        data: Iterable[Any],
+        context: FitContext,
+    ) -> None:
+        self.base.fit(model, params, loss_fn, data, context)
         self.damping = self.base.damping
 
     def query_rows(self, grads: Grads) -> torch.Tensor:
@@ -54,6 +76,9 @@ class RelatIFInfluence(InfluenceMethod):
 
     def hinv_norm(self, grads: Grads) -> torch.Tensor:
         return self.base.hinv_norm(grads)
+
+    def damping_used(self) -> Any:
+        return self.base.damping_used()
 
     def state_dict(self) -> Dict[str, Any]:
         return {**super().state_dict(), "base": self.base.state_dict()}

@@ -17,19 +17,17 @@ For each run the demo prints:
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .callbacks.erasure import WHEN, ConceptErasure
-from .demo import DigitsMLP, fit_demo
+from ..callbacks.erasure import WHEN, ConceptErasure
+from ._common import DigitsMLP, fit_demo, quiet_single_thread, require_sklearn
 
 __all__ = ["load_digits_patched", "run_erasure_demo"]
 
@@ -54,12 +52,9 @@ def load_digits_patched(
         ``x``: (n, 64) float32 in [0, 1] with the patch painted in; ``y``: (n,) int64 digits;
         ``z``: (n,) int64 concept (1 = patch); ``train``, ``test``: index arrays of the split.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "The demo data needs scikit-learn: pip install scikit-learn (or `make demo`)."
-        ) from err
+    require_sklearn("load_digits_patched")
+    from sklearn.datasets import load_digits
+
     for name, p in (("p_even", p_even), ("p_odd", p_odd), ("test_fraction", test_fraction)):
         if not 0 <= p <= 1:
             raise ValueError(f"{name}={p!r} must lie in [0, 1].")
@@ -95,22 +90,6 @@ def _heldout_probe(f_tr: np.ndarray, z_tr: np.ndarray, f_te: np.ndarray, z_te: n
         return float(np.mean(z_te == z_tr[0]))
     clf = LogisticRegression(max_iter=5000).fit(f_tr, z_tr)
     return float(clf.score(f_te, z_te))
-
-
-@contextmanager
-def _quiet_single_thread() -> Iterator[None]:
-    """One torch thread (tiny matmuls: threads cost more than they bring, and oversubscribed cores
-    slow them down many times) and no Lightning info banners; both restored afterwards."""
-    threads = torch.get_num_threads()
-    log = logging.getLogger("lightning.pytorch")
-    level = log.level
-    torch.set_num_threads(1)
-    log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        log.setLevel(level)
 
 
 def _train(
@@ -211,11 +190,12 @@ def run_erasure_demo(
         raise ValueError(f"modes={list(modes)!r}: unknown {bad}; use any of {', '.join(WHEN)}.")
     if epochs < 1:
         raise ValueError(f"epochs={epochs!r} must be >= 1.")
+    require_sklearn("The erasure demo")
     t0 = time.perf_counter()
     data = load_digits_patched(seed, p_even, p_odd)
     z_tr, z_te = data["z"][data["train"]], data["z"][data["test"]]
     runs: Dict[str, Dict[str, Any]] = {}
-    with _quiet_single_thread():
+    with quiet_single_thread():
         for when in (None, *modes):
             row = _train(data, when, epochs, out_dir, seed, batch_size)
             runs[row["run"]] = row

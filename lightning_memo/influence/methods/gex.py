@@ -13,8 +13,8 @@ second moment of the ensemble around theta* (the Laplace / K-FAC influence when 
 Laplace covariance); without the linearisation the self-influence distribution is no longer
 unimodal and mislabeled samples stand out.
 
-Rows: ``train_rows(z) = query_rows(z) = (l_e(z) - c(z))_{e=1..E} / sqrt(E')``, so
-``score(q, z) = rows(q) . rows(z)`` and ``self_influence(z) = ||rows(z)||^2``. With
+Rows: ``train_rows_batch(z) = query_rows_batch(z) = (l_e(z) - c(z))_{e=1..E} / sqrt(E')``, so
+``score(q, z) = rows(q) . rows(z)`` and ``self_influence_batch(z) = ||rows(z)||^2``. With
 ``center="trained"`` (GEX, default) c(z) = max(l(z; theta*), loss_floor) and E' = E; with
 ``center="mean"`` c(z) is the ensemble mean and E' = E - 1 (the sample covariance of losses
 across the ensemble). Math core: torch only.
@@ -23,14 +23,14 @@ across the ensemble). Math core: torch only.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
 
-from ..capture import eval_mode
-from .grads import _LossModule
-from .methods import InfluenceMethod, LossFn
+from ...capture import eval_mode
+from ..grads import _LossModule
+from .base import BatchInfluenceMethod, FitContext, LossFn
 
 __all__ = ["GeometricEnsembleInfluence", "lr_schedule"]
 
@@ -68,7 +68,7 @@ def _batch_stream(batches: Iterable[Any], buffer: int, gen: torch.Generator) -> 
             )
 
 
-class GeometricEnsembleInfluence(InfluenceMethod):
+class GeometricEnsembleInfluence(BatchInfluenceMethod):
     """Geometric-ensemble influence (GEX ``la_fge``; Kim, Kim, Yang, "GEX: A flexible method
     for approximating influence via Geometric Ensemble", NeurIPS 2023).
 
@@ -110,7 +110,6 @@ class GeometricEnsembleInfluence(InfluenceMethod):
     """
 
     name = "gex"
-    uses_gradients = False
     fit_data = "train"
     has_scores = True
 
@@ -191,9 +190,15 @@ class GeometricEnsembleInfluence(InfluenceMethod):
         return loss
 
     # -- fit
-    def _fit(self, model: nn.Module, params: Dict[str, nn.Parameter], loss_fn: LossFn,
-             batches: Iterable[Any], progress: Optional[Callable] = None,
-             **kw: Any) -> None:  # fmt: skip
+    def _fit(
+        self,
+        model: nn.Module,
+        params: Dict[str, nn.Parameter],
+        loss_fn: Optional[LossFn],
+        batches: Iterable[Any],
+        context: FitContext,
+    ) -> None:
+        progress = context.progress
         if not params:
             raise ValueError("params is empty: select at least one parameter tensor to fine-tune.")
         self.model, self.loss_fn = model, loss_fn
@@ -285,19 +290,19 @@ class GeometricEnsembleInfluence(InfluenceMethod):
         ref = out["trained"].clamp(min=self.loss_floor)
         return (losses - ref[:, None]) / math.sqrt(e)
 
-    def query_rows(self, batch: Any) -> torch.Tensor:
+    def query_rows_batch(self, batch: Any) -> torch.Tensor:
         """(B, E) float64 loss deviations of the queries."""
         return self._rows(batch)
 
-    def train_rows(self, batch: Any) -> torch.Tensor:
+    def train_rows_batch(self, batch: Any) -> torch.Tensor:
         """(B, E) float64 loss deviations of the training samples."""
         return self._rows(batch)
 
-    def self_influence(self, batch: Any) -> torch.Tensor:
+    def self_influence_batch(self, batch: Any) -> torch.Tensor:
         """(B,) float64: mean_e (l_e - c)^2 (``center="trained"``) or Var_e l_e (``"mean"``)."""
         return self._rows(batch).square().sum(dim=1)
 
-    def hinv_norm(self, batch: Any) -> torch.Tensor:
+    def hinv_norm_batch(self, batch: Any) -> torch.Tensor:
         """(B,) NaN: GEX has no Hessian."""
         n = self.member_losses(batch)["trained"].shape[0]
         return torch.full((n,), float("nan"), dtype=torch.float64)
