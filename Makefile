@@ -11,8 +11,9 @@ PYTHON ?= python3
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	# the test extras for `make test`, the demo extras (scikit-learn, matplotlib) for `make demo`
-	$(PY) -m pip install -q -e ".[test,demo]"
+	# the test extras, the demo and report extras (scikit-learn, matplotlib), and the
+	# transformers / peft extras (HF tests on tiny configs, the transformer demo; CPU torch kept)
+	$(PY) -m pip install -q -e ".[test,demo,report,transformers,peft]"
 	# reference packages for the parity tests, without their own (CUDA) torch requirement
 	$(PY) -m pip install -q --no-deps concept-erasure==0.2.4 captum==0.9.0 \
 		kronfluence==1.0.1 accelerate==1.15.0 einops==0.8.2 einconv==0.1.0 \

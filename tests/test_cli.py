@@ -22,6 +22,7 @@ OPTIONS = {
     "erasure": {"--epochs", "--out", "--seed"},
     "tracin": {"--epochs", "--out", "--seed"},
     "influence": {"--epochs", "--out", "--seed", "--method", "--dataset"},
+    "transformer": {"--epochs", "--out", "--seed", "--mode"},
 }
 
 
@@ -201,3 +202,15 @@ def test_cli_prints_the_table(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "AUROC" in out and "-PSMI" in out and "tensorboard --logdir" in out
         assert os.path.isdir(os.path.join(out_dir, "memorization_demo"))
+
+
+def test_report_subcommand_writes_the_page_and_refuses_a_missing_folder(tmp_path, capsys):
+    run = tmp_path / "run" / "lightning_memo" / "memorization"
+    run.mkdir(parents=True)
+    (run / "epoch_0.csv").write_text("index,label,net.1/psmi_mean,net.1/psmi_std,flagged\n"
+                                     "0,1,0.5,0.1,0\n1,0,-0.2,0.1,1\n")  # fmt: skip
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").exists()
+    assert "r.html" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "error" in capsys.readouterr().err
