@@ -14,7 +14,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import lightning as L
 import numpy as np
@@ -43,6 +43,8 @@ __all__ = [
     "FlippedSplit",
     "flipped_split",
     "proponents_figure",
+    "write_demo_report",
+    "few_epochs",
 ]
 
 DEMO_INSTALL_HINT = "pip install lightning_memo[demo]"
@@ -358,3 +360,32 @@ def proponents_figure(
         out += [r, torch.ones(3, GAP, width)]
     img = torch.cat(out[:-1], dim=1)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def write_demo_report(log_dir: str, truth: Optional[np.ndarray] = None) -> Optional[str]:
+    """The HTML report of a demo run (``<log_dir>/report.html``), with ``truth`` (e.g. the
+    flipped labels, (N,) bool) recorded as ``truth.csv`` so the page shows ROC curves.
+
+    Returns the page's path, or ``None`` (with a printed reason) when matplotlib is missing.
+    """
+    from ..callbacks.reports import write_truth
+    from ..report import report
+
+    if truth is not None:
+        write_truth(log_dir, np.asarray(truth, dtype=bool))
+    try:
+        return report(log_dir)
+    except ImportError as err:
+        print(f"No HTML report: {err}")
+        return None
+
+
+def few_epochs(epochs: Sequence[int], k: int = 6) -> List[int]:
+    """At most ``k`` of ``epochs`` for a printed summary: the first ones, then spaced out, and
+    the last (the whole per-epoch table is in the report and the CSV files)."""
+    epochs = sorted(epochs)
+    if len(epochs) <= k:
+        return epochs
+    picks = {epochs[0], epochs[1], epochs[-1]}
+    picks.update(epochs[int(i)] for i in np.geomspace(2, len(epochs) - 1, k - 2).astype(int))
+    return sorted(picks)

@@ -27,7 +27,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..callbacks.erasure import WHEN, ConceptErasure
-from ._common import DigitsMLP, fit_demo, quiet_single_thread, require_sklearn
+from ._common import (
+    DigitsMLP,
+    fit_demo,
+    quiet_single_thread,
+    require_sklearn,
+    write_demo_report,
+)
 
 __all__ = ["load_digits_patched", "run_erasure_demo"]
 
@@ -212,6 +218,7 @@ def run_erasure_demo(
         "p_odd": p_odd,
         "seconds": time.perf_counter() - t0,
         "out_dir": os.path.abspath(out_dir),
+        "report": write_demo_report(os.path.join(out_dir, "erasure_demo")),
     }
     if verbose:
         _print_report(result)
@@ -254,3 +261,5 @@ def _print_report(r: Dict[str, Any]) -> None:
     )
     print(f"\nTook {r['seconds']:.1f} s. Logs and erasers.pt / history.json: {r['out_dir']}")
     print(f"Open the curves: tensorboard --logdir {os.path.join(r['out_dir'], 'erasure_demo')}")
+    if r.get("report"):
+        print(f"Report: open {r['report']}")

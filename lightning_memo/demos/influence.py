@@ -47,6 +47,7 @@ from ._common import (
     quiet_single_thread,
     recall_top,
     require_sklearn,
+    write_demo_report,
 )
 
 __all__ = [
@@ -443,6 +444,7 @@ def run_influence_demo(
         "model": model,
         "data": {"x_train": x_tr, "y_train": y_tr, "x_val": x_val, "y_val": y_val},
         "log_dir": logger.log_dir,
+        "report": write_demo_report(logger.log_dir, flipped),
     }
     if chart:
         path = os.path.join(out_dir, CHART_NAME)

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from ..callbacks.memorization import MemorizationMonitor
-from ._common import DigitsMLP, auroc, digits_loader, fit_demo, require_sklearn
+from ._common import (
+    DigitsMLP,
+    auroc,
+    digits_loader,
+    few_epochs,
+    fit_demo,
+    require_sklearn,
+    write_demo_report,
+)
 
 __all__ = ["run_memorization_demo"]
 
@@ -84,6 +92,7 @@ def run_memorization_demo(
         "psmi": {e: monitor.scores[e]["net.3"] for e in sorted(monitor.scores)},
         "log_dir": logger.log_dir,
         "monitor_dir": monitor.out_dir,
+        "report": write_demo_report(logger.log_dir, flipped),
     }
     if verbose:
         _print_report(result)
@@ -96,9 +105,10 @@ def _print_report(r: Dict[str, Any]) -> None:
         f"{r['train_acc_noisy']:.1%} of the (noisy) training labels and has memorized "
         f"{r['n_memorized']} flipped samples. Training took {r['fit_seconds']:.1f} s."
     )
-    print("\nAUROC for 'flipped and memorized at the end', from scores of each epoch:")
+    print("\nAUROC for 'flipped and memorized at the end', from scores of these epochs:")
     print(f"{'epoch':>5}  {'-PSMI':>7}  {'loss':>7}  {'-margin':>7}")
-    for row in r["rows"]:
+    shown = set(few_epochs([row["epoch"] for row in r["rows"]]))
+    for row in (row for row in r["rows"] if row["epoch"] in shown):
         print(
             f"{row['epoch']:>5}  {row['auroc_psmi']:>7.3f}  {row['auroc_loss']:>7.3f}  "
             f"{row['auroc_margin']:>7.3f}"
@@ -109,3 +119,5 @@ def _print_report(r: Dict[str, Any]) -> None:
     )
     print(f"Per-epoch CSV files: {r['monitor_dir']}")
     print(f"Open the pictures: tensorboard --logdir {os.path.dirname(r['log_dir'])}")
+    if r.get("report"):
+        print(f"Report (every epoch, flagged samples, ROC curves): open {r['report']}")

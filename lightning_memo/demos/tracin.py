@@ -35,6 +35,7 @@ from ._common import (
     proponents_figure,
     quiet_single_thread,
     require_sklearn,
+    write_demo_report,
 )
 
 __all__ = ["run_tracin_demo", "PNG_NAME"]
@@ -217,6 +218,7 @@ def run_tracin_demo(
         "png_backend": backend,
         "tracin_dir": tracin.out_dir,
         "log_dir": logger.log_dir,
+        "report": write_demo_report(logger.log_dir, flipped),
     }
     if verbose:
         _print_report(result)
@@ -288,3 +290,5 @@ def _print_report(r: Dict[str, Any]) -> None:
     )
     print(f"TracIn files (self_influence.csv, top_k.csv, ...): {r['tracin_dir']}")
     print(f"Open the pictures: tensorboard --logdir {os.path.dirname(r['log_dir'])}")
+    if r.get("report"):
+        print(f"Report: open {r['report']}")
