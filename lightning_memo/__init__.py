@@ -1,7 +1,7 @@
 """lightning_memo: memorization monitoring and data attribution for PyTorch Lightning."""
 
 from .callbacks import ConceptErasure, InfluenceAnalysis, MemorizationMonitor, TracIn
-from .capture import FeatureCapture, pool, resolve_layers
+from .capture import FeatureCapture, pool, resolve_layers, resolve_parameters
 from .data import IndexedDataset, get_indices, get_labels, make_accessor
 from .exceptions import (
     LayerNotFoundError,
@@ -10,9 +10,10 @@ from .exceptions import (
     NotFittedError,
     SampleIndexError,
 )
-from .leace import LeaceEraser, LeaceFitter
+from .leace import LeaceEraser, LeaceFitter, edit_norm
 from .probe import probe_accuracy, probe_r2
 from .psmi import PSMI, sample_directions
+from .signals import loss_and_margin
 
 __all__ = [
     "PSMI",
@@ -23,11 +24,14 @@ __all__ = [
     "InfluenceAnalysis",
     "LeaceFitter",
     "LeaceEraser",
+    "edit_norm",
     "probe_accuracy",
     "probe_r2",
+    "loss_and_margin",
     "FeatureCapture",
     "pool",
     "resolve_layers",
+    "resolve_parameters",
     "IndexedDataset",
     "make_accessor",
     "get_indices",

@@ -11,10 +11,15 @@ from torch import nn
 from lightning_memo.capture import (
     POOLINGS,
     FeatureCapture,
+    add_input_hook,
     check_pooling,
+    layer_pooling,
+    match_names,
     pool,
+    replace_output,
     resolve_layers,
     resolve_parameters,
+    select_output,
 )
 from lightning_memo.exceptions import LayerNotFoundError
 
@@ -179,20 +184,20 @@ def test_pool_mean_mask_equals_loop(left):
     torch.testing.assert_close(pool(x, "mean", mask.bool()), out)
 
 
-def _loop_last(x, mask):
+def _loop_pick(x, mask, pick):
+    """x[b, pick(real positions of b)] for every b, by a Python loop: (B, d)."""
     out = []
     for b in range(x.shape[0]):
-        last = max(t for t in range(x.shape[1]) if mask[b, t] != 0)
-        out.append(x[b, last])
+        out.append(x[b, pick(t for t in range(x.shape[1]) if mask[b, t] != 0)])
     return torch.stack(out)
+
+
+def _loop_last(x, mask):
+    return _loop_pick(x, mask, max)
 
 
 def _loop_first(x, mask):
-    out = []
-    for b in range(x.shape[0]):
-        first = min(t for t in range(x.shape[1]) if mask[b, t] != 0)
-        out.append(x[b, first])
-    return torch.stack(out)
+    return _loop_pick(x, mask, min)
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
@@ -481,3 +486,190 @@ def test_no_autograd_graph_in_buffers():
         y = model(torch.randn(3, 5))
     assert y.requires_grad
     assert not cap.buffers["2"].requires_grad
+
+
+# ---------------------------------------------------------------------------------- globs
+def _nested() -> nn.Module:
+    """``model.bert.encoder.layer.{0,1}`` blocks with ``attention.query`` / ``output`` inside, and
+    a ``model.classifier``: the shape of a wrapped Hugging Face model."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.Module()
+            self.attention.query = nn.Linear(4, 4)
+            self.output = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.output(torch.tanh(self.attention.query(x)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = nn.Module()
+            self.bert.encoder = nn.Module()
+            self.bert.encoder.layer = nn.ModuleList([Block(), Block()])
+            self.classifier = nn.Linear(4, 2)
+
+        def forward(self, x):
+            for block in self.bert.encoder.layer:
+                x = block(x)
+            return self.classifier(x)
+
+    root = nn.Module()
+    root.model = Net()
+    root.forward = root.model.forward
+    return root
+
+
+BLOCKS = ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
+
+
+def test_glob_star_stays_in_one_segment():
+    model = _nested()
+    # fnmatch would also take the 3 submodules of each block; a segment glob means the blocks
+    assert list(resolve_layers(model, "model.bert.encoder.layer.*")) == BLOCKS
+    assert list(resolve_layers(model, "model.bert.encoder.layer.?")) == BLOCKS
+    assert list(resolve_layers(model, "model.bert.encoder.layer.[!1]")) == BLOCKS[:1]
+    assert list(resolve_layers(model, "model.*")) == ["model.bert", "model.classifier"]
+
+
+def test_glob_double_star_crosses_dots():
+    model = _nested()
+    queries = [f"{b}.attention.query" for b in BLOCKS]
+    assert list(resolve_layers(model, "**.query")) == queries
+    assert list(resolve_layers(model, "model.**.query")) == queries
+    assert list(resolve_layers(model, "model.bert.**.layer.1")) == BLOCKS[1:]  # zero segments
+    below = list(resolve_layers(model, "model.bert.encoder.layer.1.**"))  # below, not itself
+    assert below == [f"{BLOCKS[1]}.{s}" for s in ("attention", "attention.query", "output")]
+    assert list(resolve_layers(model, "model.bert.encoder.lay**.output")) == [
+        f"{b}.output" for b in BLOCKS
+    ]
+
+
+def test_names_and_globs_match_dotted_endings():
+    model = _nested()
+    assert list(resolve_layers(model, "encoder.layer.1")) == BLOCKS[1:]
+    assert list(resolve_layers(model, "encoder.layer.*")) == BLOCKS
+    assert list(resolve_layers(model, "layer.*.output")) == [f"{b}.output" for b in BLOCKS]
+    assert list(resolve_layers(model, "classifier")) == ["model.classifier"]
+    # an ending is taken on dot boundaries only, and a full-name match wins over endings
+    assert match_names("yer.1", BLOCKS) == []
+    assert match_names("model.*", ["model.a", "x.model.b"]) == ["model.a"]
+    with pytest.raises(
+        LayerNotFoundError, match=r"'output' is the ending of 2 names .*'\*\*\.output'"
+    ):
+        resolve_layers(model, "output")
+    with pytest.raises(LayerNotFoundError, match="'encoder.layer.7' matches no module"):
+        resolve_layers(model, "encoder.layer.7")
+
+
+def test_input_suffix():
+    model = _nested()
+    assert list(resolve_layers(model, ["classifier:input", "layer.*:input"], inputs=True)) == [
+        "model.classifier:input",
+        *(f"{b}:input" for b in BLOCKS),
+    ]
+    with pytest.raises(ValueError, match=r"layers='classifier:input': the ':input' suffix"):
+        resolve_layers(model, "classifier:input")
+
+
+def test_parameter_globs_cross_dots_and_match_endings():
+    model = _nested()
+    q = [f"{b}.attention.query.{p}" for b in BLOCKS for p in ("weight", "bias")]
+    assert resolve_parameters(model, "*query*") == q  # fnmatch: * crosses dots
+    assert resolve_parameters(model, "**.query.*") == q
+    assert resolve_parameters(model, "classifier.weight") == ["model.classifier.weight"]
+    assert resolve_parameters(model, "layer.1.*.query.bias") == [q[3]]
+    with pytest.raises(LayerNotFoundError, match="'weight' is the ending of 5 names"):
+        resolve_parameters(model, "weight")
+
+
+def test_layer_pooling_per_layer():
+    names = [*BLOCKS, "model.classifier:input", "model.classifier"]
+    out = layer_pooling({"layer.1": "last", "classifier:input": "first"}, names)
+    assert out == {
+        BLOCKS[0]: "mean",  # no key: the default
+        BLOCKS[1]: "last",
+        "model.classifier:input": "first",
+        "model.classifier": "mean",
+    }
+    # '*' matches every name's last segment: a catch-all after the specific keys (not ':input')
+    out = layer_pooling({"layer.1": "last", "*": "flatten"}, names)
+    assert list(out.values()) == ["flatten", "last", "mean", "flatten"]
+    assert layer_pooling("first", names) == dict.fromkeys(names, "first")
+    assert layer_pooling({"layer.*": "last", "layer.0": "first"}, BLOCKS) == dict.fromkeys(
+        BLOCKS, "last"
+    )  # the first matching key wins
+    with pytest.raises(ValueError, match="pooling key 'layer.5' matches none of the layers"):
+        layer_pooling({"layer.5": "last"}, names)
+    with pytest.raises(ValueError, match=r"pooling\['layer.1'\]='max' is not supported"):
+        check_pooling({"layer.1": "max"})
+
+
+def test_capture_input_and_per_layer_pooling():
+    model = _nested()
+    x = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    pooling = {"layer.0": "last", "classifier:input": "first"}
+    cap = FeatureCapture(model, ["layer.0", "classifier:input"], pooling, num_samples=3)
+    assert cap.names == [BLOCKS[0], "model.classifier:input"]
+    with cap:
+        cap.arm(torch.arange(3), mask)
+        model(x)
+    with torch.no_grad():
+        h0 = model.model.bert.encoder.layer[0](x)
+        h1 = model.model.bert.encoder.layer[1](h0)
+    torch.testing.assert_close(cap.buffers[BLOCKS[0]], h0[[0, 1, 2], [2, 4, 4]])
+    torch.testing.assert_close(cap.buffers["model.classifier:input"], h1[[0, 1, 2], [0, 0, 2]])
+    assert not model.model.classifier._forward_pre_hooks  # removed on exit
+
+
+def test_input_hooks_run_in_stage_order_and_see_kwargs():
+    lin = nn.Linear(3, 3)
+    calls = []
+
+    def double(module, x):
+        calls.append("modify")
+        return x * 2
+
+    def observe(module, x):
+        calls.append(("observe", x.clone()))
+
+    h1 = add_input_hook(lin, observe, "observe")  # registered first, runs last
+    h2 = add_input_hook(lin, double, "modify")
+    x = torch.ones(2, 3)
+    out = lin(input=x)  # a keyword argument
+    assert calls[0] == "modify" and torch.equal(calls[1][1], 2 * x)
+    torch.testing.assert_close(
+        out, lin.weight @ (2 * x).T + lin.bias[:, None], check_stride=False
+    ) if False else None
+    with torch.no_grad():
+        torch.testing.assert_close(out, nn.functional.linear(2 * x, lin.weight, lin.bias))
+    h1.remove()
+    h2.remove()
+    h2.remove()  # idempotent
+    assert not lin._forward_pre_hooks
+
+
+def test_select_and_replace_output():
+    import collections
+
+    h, a = torch.randn(2, 3, 4), torch.randn(2, 4)
+    assert select_output(h, 5) is h  # tensors are used as they are
+    assert select_output((h, a)) is h and select_output((None, a)) is a
+    assert select_output((h, a), 1) is a and select_output([h, a], -1) is a
+    Pair = collections.namedtuple("Pair", ["hidden", "aux"])
+    assert select_output(Pair(h, a), "aux") is a
+    assert select_output({"h": h, "a": a}, "a") is a
+    with pytest.raises(TypeError, match=r"returned dict with keys \['h'\].*output_key="):
+        select_output({"h": h}, None, "blk")
+    with pytest.raises(TypeError, match=r"no tensor at output_key=2"):
+        select_output((h, a), 2)
+    new = torch.zeros_like(a)
+    out = replace_output(Pair(h, a), new, "aux")
+    assert type(out) is Pair and out.hidden is h and out.aux is new
+    assert replace_output([h, a], new, 1)[1] is new
+    d = {"h": h, "a": a}
+    assert replace_output(d, new, "a") == {"h": h, "a": new} and d["a"] is a  # a copy

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import importlib
 import os
-import struct
 import sys
 
 import numpy as np
@@ -19,16 +18,10 @@ import lightning_memo
 from lightning_memo import viz
 from lightning_memo.demos import _common
 from lightning_memo.demos._common import MissingDemoDependency, auroc, require_sklearn
+from tests.helpers import png_size
 
 DEMO_DIR = os.path.dirname(_common.__file__)
 DEMO_MODULES = ("memorization", "erasure", "tracin", "influence")
-
-
-def png_size(path):
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
 
 
 # ---------------------------------------------------------------------------------- the API

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from lightning_memo.demos.influence import (
     load_breast_cancer_flipped,
     methods_chart,
 )
+from tests.helpers import png_size
 
 pytest.importorskip("sklearn")
 
@@ -28,13 +28,6 @@ SMALL = dict(epochs=10, hidden=64, max_examples=500, arnoldi_dim=60, arnoldi_k=3
 PNG_W = 11 * 52 + 2 * 12  # 596
 PNG_H = 2 * 66 + 12  # 144
 FILES = ("self_influence.csv", "top_k.csv", "factors.pt", "scores.pt", "config.json")
-
-
-def png_size(path):
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
 
 
 def row(r, key):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from lightning_memo.cli import main, parse_args
 from lightning_memo.demos import run_tracin_demo
 from lightning_memo.demos.tracin import PNG_NAME
+from tests.helpers import png_size
 
 pytest.importorskip("sklearn")
 
@@ -20,14 +20,6 @@ pytest.importorskip("sklearn")
 PNG_W = 11 * 52 + 2 * 12  # 596
 PNG_H = 4 * 66 + 3 * 12  # 300
 FILES = ("self_influence.csv", "top_k.csv", "store.pt", "config.json")
-
-
-def png_size(path):
-    """(width, height) from the PNG header, without an image library."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
 
 
 def auroc(r, name):

@@ -19,13 +19,7 @@ F64 = torch.float64
 EXACT = dict(shrinkage=False, constrain_cov_trace=False, svd_tol=1e-12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small kernels on one intra-op thread: the shared CI machine has 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(seed, n=400, d=10, k=3, spread=2.0, dtype=F64):
@@ -777,3 +771,132 @@ def test_numpy_input_matches_torch(method):
     np.testing.assert_allclose(ref(ints), ref(torch.as_tensor(ints, dtype=F64)).numpy(), atol=0)
     with pytest.raises(ValueError, match="fitted on 7-dimensional features"):
         ref(x_np[:, :5])
+
+
+# ---------------------------------------------------------------- 12. float32 products path
+def _activation_like(seed, n, d, k):
+    """Ill-conditioned, activation-like float32 features: per-feature scales spanning 10^1.5, a
+    rank-8 shared component with variances spanning 10^3, class means and a +0.5 offset (the
+    benchmark's generator, smaller)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(0, k, (n,), generator=g)
+    scales = torch.logspace(-1, 0.5, d)[torch.randperm(d, generator=g)]
+    basis = torch.randn(8, d, generator=g) / 8**0.5
+    x = torch.randn(n, d, generator=g) * scales
+    x += torch.randn(n, 8, generator=g) * torch.logspace(1, -0.5, 8) @ basis
+    x += torch.randn(k, d, generator=g)[z] * 0.3 + 0.5
+    return x.float(), z
+
+
+def _stream(fitter, x, z, batch):
+    for s in range(0, x.shape[0], batch):
+        fitter.update(x[s : s + batch], z[s : s + batch])
+    return fitter
+
+
+def _max_row_rel(a, b):
+    a, b = a.double(), b.double()
+    return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
+
+
+@pytest.mark.parametrize("d", [40, 400])
+def test_float32_path_matches_float64_path(d):
+    """float32 input takes the float32-products path by default; its statistics are within
+    ~1e-7 of the float64 path's, across several flush windows with an uneven last batch. The
+    eraser amplifies that with the conditioning of S_xx (here 1e4 - 3e5): its output stays within
+    1e-4 relative (measured 3e-5 / 6e-5), several times closer than concept-erasure's float32
+    default (its float32 solve and uncentred float32 accumulation)."""
+    n, k = 12_000, 4
+    x, z = _activation_like(40 + d, n, d, k)
+    f32 = _stream(LeaceFitter(d, k), x, z, 1000)
+    f64 = _stream(LeaceFitter(d, k, precision="float64"), x, z, 1000)
+    assert f32._win is not None and f64._win is None  # the paths really differ
+    assert f32.n == f64.n == n
+    torch.testing.assert_close(f32.mean_x, f64.mean_x, rtol=0, atol=1e-9)
+    scale = float(f64.c_xx.abs().max())
+    assert float((f32.c_xx - f64.c_xx).abs().max()) < 3e-7 * scale
+    assert float((f32.c_xz - f64.c_xz).abs().max()) < 2e-6 * float(f64.c_xz.abs().max())
+    torch.testing.assert_close(f32.c_xx, f32.c_xx.T, rtol=0, atol=1e-14 * scale)  # mirrored
+    xt, _ = _activation_like(99, 2000, d, k)
+    ref = f64.eraser.to(dtype=F64)(xt.double())
+    err = _max_row_rel(f32.eraser.to(dtype=F64)(xt.double()), ref)
+    assert err < 1e-4
+    ce = pytest.importorskip("concept_erasure")
+    theirs = ce.LeaceFitter(d, k, dtype=torch.float32)
+    for s in range(0, n, 1000):
+        theirs.update(x[s : s + 1000], torch.nn.functional.one_hot(z[s : s + 1000], k).float())
+    assert err < 0.25 * _max_row_rel(theirs.eraser(xt), ref)
+    # float64 input keeps the float64 path; precision="float32" converts it
+    g = LeaceFitter(d, k)
+    g.update(x[:100].double(), z[:100])
+    assert g._win is None
+    h = LeaceFitter(d, k, precision="float32").update(x[:100].double(), z[:100])
+    assert h._win is not None and h._win.n == 100
+
+
+def test_float32_path_oracle_and_reads_mid_stream():
+    """Exact statistics oracle (float64 sums of the float32 rows), unaffected by when they are
+    read: flushing early (every read) or late gives the same statistics to float32 rounding."""
+    n, d, k = 3_000, 30, 3
+    x, z = _activation_like(50, n, d, k)
+    x = x + 100.0  # a large offset: centring on the window's shift keeps the products small
+    late = LeaceFitter(d, k)
+    late.flush_rows = 10**9  # one window for the whole stream
+    early = LeaceFitter(d, k)
+    for s in range(0, n, 256):
+        late.update(x[s : s + 256], z[s : s + 256])
+        early.update(x[s : s + 256], z[s : s + 256])
+        assert early.n == min(n, s + 256)  # a read: flushes the window
+    xd = x.double()
+    xc = xd - xd.mean(0)
+    zc = _onehot(z, k) - _onehot(z, k).mean(0)
+    for f in (late, early):
+        torch.testing.assert_close(f.mean_x, xd.mean(0), rtol=0, atol=1e-10)
+        torch.testing.assert_close(f.mean_z, _onehot(z, k).mean(0), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            f.c_xx, xc.T @ xc, rtol=0, atol=1e-6 * float(xc.square().sum(0).max())
+        )
+        torch.testing.assert_close(f.c_xz, xc.T @ zc, rtol=0, atol=1e-6 * n)
+
+
+def test_float32_path_merge_grow_stats_and_nan():
+    """Pending windows take part in merge / stats / load_stats; growing classes flush; NaN rows
+    are refused before anything is accumulated."""
+    n, d = 2_000, 12
+    x, z = _activation_like(60, n, d, 3)
+    whole = LeaceFitter(d, 3, precision="float64").update(x, z)
+    a = _stream(LeaceFitter(d, None), x[:900], z[:900], 128)  # classes grow as they appear
+    b = _stream(LeaceFitter(d, 3), x[900:], z[900:], 128)
+    assert a._win.n > 0 and b._win.n > 0  # windows pending
+    merged = a.merge(b)
+    assert merged.z_dim == 3
+    torch.testing.assert_close(
+        merged.c_xx, whole.c_xx, rtol=0, atol=1e-5 * float(whole.c_xx.abs().max())
+    )
+    torch.testing.assert_close(merged.c_xz, whole.c_xz, rtol=0, atol=1e-5 * n)
+    # stats() flushes; load_stats() replaces (a pending window is dropped)
+    c = _stream(LeaceFitter(d, 3), x[:500], z[:500], 100)
+    st = c.stats()
+    assert int(st["n"]) == 500
+    e = _stream(LeaceFitter(d, 3), x[500:700], z[500:700], 100).load_stats(st)
+    assert e.n == 500
+    torch.testing.assert_close(e.c_xx, c.c_xx, rtol=0, atol=0)
+    bad = x[:50].clone()
+    bad[3, 1] = float("nan")
+    bad[7] = float("inf")
+    fitter = LeaceFitter(d, 3)
+    with pytest.raises(ValueError, match=r"2 of 50 rows of x contain NaN or inf"):
+        fitter.update(bad, z[:50])
+    assert fitter.n == 0
+    with pytest.raises(ValueError, match="precision='bf16'"):
+        LeaceFitter(d, 3, precision="bf16")
+
+
+def test_float64_precision_keeps_the_float64_path():
+    """precision='float64' on float32 input is the float64 Welford path: bit-identical to feeding
+    the rows as float64."""
+    x, z = _activation_like(70, 600, 16, 3)
+    a = _stream(LeaceFitter(16, 3, precision="float64"), x, z, 100)
+    b = _stream(LeaceFitter(16, 3), x.double(), z, 100)
+    for key, v in a.stats().items():
+        torch.testing.assert_close(v, b.stats()[key], rtol=0, atol=0)

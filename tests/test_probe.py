@@ -12,12 +12,7 @@ from lightning_memo.probe import probe_accuracy, probe_r2
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _classes(seed, n, d, priors, spread, dtype=F64):

@@ -18,16 +18,10 @@ from lightning_memo.exceptions import NotFittedError
 from lightning_memo.psmi import PSMI, sample_directions
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+F64 = torch.float64  # opt-in float64 arithmetic: the oracle comparisons at 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run on one intra-op thread: on a shared 2-core machine, OpenMP threads of small kernels
-    contend with other processes and slow the estimator down 30x (measured), not the results."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -114,7 +108,7 @@ def small():
 def test_matches_brute_force_oracle(small):
     """Given directions, mean/std/full equal the loop oracle to 1e-10 (float64)."""
     x, y, theta = small
-    mean, std, full = PSMI(n_estimators=1).fit_transform_with_directions(x, y, theta)
+    mean, std, full = PSMI(n_estimators=1, dtype=F64).fit_transform_with_directions(x, y, theta)
     o_mean, o_std, o_full, o_mu, o_sd = oracle_psmi(x, y, theta)
     assert isinstance(full, np.ndarray) and full.shape == (60, 40)
     np.testing.assert_allclose(full, o_full, rtol=0, atol=1e-10)
@@ -124,10 +118,26 @@ def test_matches_brute_force_oracle(small):
     assert mean.min() < 0 < mean.max() and std.min() > 0.01
 
 
+def test_float32_default_matches_oracle(small):
+    """The default (float32 arithmetic on float64 input) gives the oracle to 1e-5, float64 out."""
+    x, y, theta = small
+    est = PSMI(n_estimators=1)
+    mean, std, full = est.fit_transform_with_directions(x, y, theta)
+    o_mean, o_std, o_full, o_mu, o_sd = oracle_psmi(x, y, theta)
+    assert mean.dtype == std.dtype == full.dtype == np.float64
+    np.testing.assert_allclose(full, o_full, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mean, o_mean, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(std, o_std, rtol=0, atol=1e-6)
+    assert np.abs(full - o_full).max() > 1e-12  # really float32 arithmetic
+    for c in (2, 5, 9):
+        np.testing.assert_allclose(est.mean_per_label[c], o_mu[c], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(est.std_per_label[c], o_sd[c], rtol=1e-5)
+
+
 def test_matches_oracle_with_few_chunked_directions_and_min_block(small):
     """Directions split over several ``min_n_estimators`` blocks still match the oracle."""
     x, y, theta = small
-    est = PSMI(n_estimators=1, min_n_estimators=7)
+    est = PSMI(n_estimators=1, min_n_estimators=7, dtype=F64)
     mean, std, full = est.fit_transform_with_directions(x, y, theta)
     o_mean, o_std, o_full, o_mu, o_sd = oracle_psmi(x, y, theta)
     np.testing.assert_allclose(full, o_full, rtol=0, atol=1e-10)
@@ -165,7 +175,7 @@ def test_parity_with_reference_package_independent_directions(reference_run):
 def test_parity_with_reference_package_same_directions(reference_run):
     """With the reference's own directions our output equals theirs to 1e-10 where finite."""
     x, y, ref, (r_mean, r_std, r_full), _ = reference_run
-    est = PSMI(n_estimators=1)
+    est = PSMI(n_estimators=1, dtype=F64)
     mean, std, full = est.fit_transform_with_directions(x, y, ref.thetas)
     finite = np.isfinite(r_full)
     assert finite.mean() > 0.99
@@ -221,16 +231,20 @@ def test_tensor_in_tensor_out(small, device, dtype):
     assert isinstance(est.thetas, torch.Tensor) and est.thetas.shape == (25, 5)
     mean, _, full = PSMI(n_estimators=1).fit_transform_with_directions(xt, yt, theta)
     o_mean, _, o_full, _, _ = oracle_psmi(x, y, theta)
-    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    tol = 1e-5 if dtype == torch.float64 else 1e-4  # float32 arithmetic either way
     np.testing.assert_allclose(full.cpu().double().numpy(), o_full, rtol=0, atol=tol)
     np.testing.assert_allclose(mean.cpu().double().numpy(), o_mean, rtol=0, atol=tol)
+    mean, _, full = PSMI(n_estimators=1, dtype=F64).fit_transform_with_directions(xt, yt, theta)
+    assert full.dtype == dtype
+    tol = 1e-10 if dtype == torch.float64 else 1e-4  # float64 arithmetic, float32 input
+    np.testing.assert_allclose(full.cpu().double().numpy(), o_full, rtol=0, atol=tol)
 
 
 def test_float32_close_to_float64():
     """float32 tensors give the float64 result to 1e-4 (same seed, same directions)."""
     x, y = make_clusters(300, 12, 4, sep=1.5, seed=5)
     y = torch.as_tensor(y)
-    m64, s64, f64 = PSMI(n_estimators=400, seed=6).fit_transform(torch.as_tensor(x), y)
+    m64, s64, f64 = PSMI(n_estimators=400, seed=6, dtype=F64).fit_transform(torch.as_tensor(x), y)
     m32, s32, f32 = PSMI(n_estimators=400, seed=6).fit_transform(
         torch.as_tensor(x, dtype=torch.float32), y
     )
@@ -239,6 +253,36 @@ def test_float32_close_to_float64():
     assert (s32.double() - s64).abs().max() < 1e-4
     assert (f32.double() - f64).abs().max() < 1e-3
     assert (m32.double() - m64).abs().max() > 0  # really computed in float32
+
+
+def test_float32_default_agrees_with_float64_opt_in():
+    """float64 input: the default (float32 arithmetic) is within 1e-5 of dtype=float64, returns
+    float64, and is far closer to it than the Monte-Carlo error of the directions."""
+    x, y = make_clusters(2_000, 48, 5, sep=0.4, seed=30)
+    x = x + 3.0  # an offset, as activations have
+    x[:, :4] = 0  # dead units
+    ref = PSMI(n_estimators=1_500, seed=31, dtype=F64).fit_transform(x, y)
+    got = PSMI(n_estimators=1_500, seed=31).fit_transform(x, y)
+    for a in got:
+        assert isinstance(a, np.ndarray) and a.dtype == np.float64
+    np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[2], ref[2], rtol=0, atol=1e-3)
+    other = PSMI(n_estimators=1_500, seed=32, dtype=F64).fit_transform(x, y)[0]
+    mc = np.abs(other - ref[0]).mean()  # directions' error, two independent estimates
+    assert np.abs(got[0] - ref[0]).mean() < 1e-3 * mc
+    # float32 / float16 / bfloat16 feature buffers: float32 output, converted chunk by chunk
+    xt = torch.as_tensor(x)
+    for dt, tol in ((torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)):
+        m = PSMI(n_estimators=1_500, seed=31).fit_transform(xt.to(dt), torch.as_tensor(y))[0]
+        assert m.dtype == torch.float32
+        assert np.abs(m.double().numpy() - ref[0]).mean() < tol
+
+
+def test_dtype_validation():
+    """dtype takes None (float32 arithmetic) or torch.float64 only."""
+    with pytest.raises(ValueError, match="dtype=torch.float16"):
+        PSMI(n_estimators=5, dtype=torch.float16)
 
 
 # ---------------------------------------------------------------------------------- 4. seeds
@@ -282,30 +326,92 @@ def test_sample_directions_prefix_independent_of_m():
 
 # ---------------------------------------------------------------------------------- 5. chunks
 def test_chunked_equals_unchunked(monkeypatch):
-    """A tiny memory budget and tiny row chunks give the default result to 1e-12."""
+    """A tiny memory budget (a few directions per block), tiny tasks (one row each) and the
+    parallel workers give the one-block, inline result to 1e-12 (float64 arithmetic)."""
     x, y = make_clusters(90, 6, 3, sep=1.5, seed=7)
     x_new, y_new = make_clusters(40, 6, 3, sep=1.5, seed=7)
+    blocks = []
+    project = psmi_mod._Engine.project
+
+    def spy(self, theta, stats):
+        blocks.append(theta.shape[0])
+        return project(self, theta, stats)
+
+    monkeypatch.setattr(psmi_mod._Engine, "project", spy)
 
     def run(**kw):
-        est = PSMI(n_estimators=150, min_n_estimators=60, seed=8, **kw)
+        blocks.clear()
+        est = PSMI(n_estimators=150, min_n_estimators=60, seed=8, dtype=F64, **kw)
         out = est.fit_transform(x, y)
         return est, out, est.transform(x_new[:37], y_new[:37])
 
     e_ref, base, base_new = run()
+    assert blocks == [150, 150]  # one block in fit_transform, one in transform
     e_small, small_budget, small_new = run(memory_budget_mb=0.01)
-    assert e_small._block_size(90, 8) < 10 <= e_ref._block_size(90, 8)
+    assert 2 * 150 / 20 < len(blocks) and max(blocks) < 20
     monkeypatch.setattr(psmi_mod, "_CHUNK_ELEMENTS", 16)
     _, tiny, tiny_new = run(memory_budget_mb=0.01)
     _, tiny_rows, _ = run()
-    for other in (small_budget, tiny, tiny_rows):
+    monkeypatch.setattr(psmi_mod, "_PARALLEL_MIN_TERMS", 0)  # tasks on 2 workers
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, pooled, pooled_new = run()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    for other in (small_budget, tiny, tiny_rows, pooled):
         for a, b in zip(base, other):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
-    for other in (small_new, tiny_new):
+    for other in (small_new, tiny_new, pooled_new):
         for a, b in zip(base_new, other):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
     o_mean, o_std, _, _, _ = oracle_psmi(x, y, e_ref.thetas, x_new[:37], y_new[:37])
     np.testing.assert_allclose(tiny_new[0], o_mean, rtol=0, atol=1e-10)
     np.testing.assert_allclose(tiny_new[1], o_std, rtol=0, atol=1e-10)
+
+
+def _profiled_peak_bytes(fn):
+    """Peak of the bytes torch allocates while ``fn`` runs (``torch.profiler``, CPU memory: op
+    allocations in time order, frees included), and the largest single allocation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        keep = fn()
+    live = peak = largest = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+        largest = max(largest, e.self_cpu_memory_usage)
+    del keep
+    return peak, largest
+
+
+def test_memory_budget_bounds_peak_allocations():
+    """memory_budget_mb bounds every allocation of a call: no copy of the features (sorted or
+    converted), no (n, d) mask; the old estimator's sorted copy alone exceeded the budget."""
+    rng = np.random.default_rng(0)
+    n, d, budget_mb = 20_000, 256, 8.0
+    x = rng.normal(size=(n, d))  # float64: 41 MB, a float32 copy would be 20 MB
+    x[:, :10] = 0  # dead columns: the old code built an (n, d) mask to find them
+    y = np.arange(n) % 5
+
+    def call():
+        est = PSMI(n_estimators=300, seed=0, memory_budget_mb=budget_mb, return_full=False)
+        return est.fit_transform(x, y)
+
+    call()  # warm-up
+    peak, largest = _profiled_peak_bytes(call)
+    assert peak <= budget_mb * 2**20, peak / 2**20
+    assert largest < n * (d - 10) * 4 / 2  # far below one float32 copy of the live columns
+    # the budget scales the block: a larger budget, larger blocks, same result
+    def big():
+        est = PSMI(n_estimators=300, seed=0, memory_budget_mb=64, return_full=False)
+        return est.fit_transform(x, y)
+
+    peak_big, _ = _profiled_peak_bytes(big)
+    assert budget_mb * 2**20 < peak_big <= 64 * 2**20
+    np.testing.assert_allclose(big()[0], call()[0], rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- 6. outlier
@@ -320,15 +426,32 @@ def test_outlier_finite_and_matches_log_space_oracle():
     """A sample far from every class gets a finite PSMI equal to the logsumexp oracle."""
     x, y, x_out, y_out = _outlier_setup()
     theta = unit_directions(30, 5, seed=14)
-    est = PSMI(n_estimators=1)
-    est.fit_transform_with_directions(x, y, theta)
-    mean, std, full = est.transform(x_out, y_out)
-    assert np.isfinite(full).all() and np.isfinite(mean).all() and np.isfinite(std).all()
     o_mean, o_std, o_full, _, _ = oracle_psmi(x, y, theta, x_out, y_out, log_space=True)
-    np.testing.assert_allclose(full, o_full, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(mean, o_mean, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(std, o_std, rtol=1e-9, atol=1e-9)
-    assert mean[0] < -100 and mean[1] < -100  # far outliers get very negative scores
+    for dtype, tol in ((F64, 1e-9), (None, 1e-5)):  # float64 opt-in, float32 default
+        est = PSMI(n_estimators=1, dtype=dtype)
+        est.fit_transform_with_directions(x, y, theta)
+        mean, std, full = est.transform(x_out, y_out)
+        assert np.isfinite(full).all() and np.isfinite(mean).all() and np.isfinite(std).all()
+        np.testing.assert_allclose(full, o_full, rtol=tol, atol=tol)
+        np.testing.assert_allclose(mean, o_mean, rtol=tol, atol=tol)
+        np.testing.assert_allclose(std, o_std, rtol=tol, atol=tol)
+        assert mean[0] < -100 and mean[1] < -100  # far outliers get very negative scores
+
+
+def test_huge_and_tiny_features_finite_in_float32():
+    """float64 features beyond float32's range (or far below it) give the float64 result: PSMI
+    is scale invariant and the float32 path rescales by a power of two."""
+    x, y = make_clusters(200, 6, 3, sep=1.5, seed=40)
+    ref = PSMI(n_estimators=100, seed=41, dtype=F64).fit_transform(x, y)[0]
+    for scale in (1e200, 1e-200):
+        est = PSMI(n_estimators=100, seed=41)
+        got = est.fit_transform(x * scale, y)[0]
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(est.transform(x * scale, y)[0], got, rtol=0, atol=1e-6)
+        c = int(y[0])
+        proj = (x * scale)[y == c] @ est.thetas.T
+        np.testing.assert_allclose(est.mean_per_label[c], proj.mean(axis=0), rtol=1e-5)
 
 
 def test_outlier_reference_package_not_finite():
@@ -341,7 +464,7 @@ def test_outlier_reference_package_not_finite():
         r_mean, _, r_full = ref.transform(x_out, y_out)
     assert not np.isfinite(r_mean[:2]).any()
     assert np.isfinite(r_mean[2:]).all()
-    est = PSMI(n_estimators=1)
+    est = PSMI(n_estimators=1, dtype=F64)
     est.fit_transform_with_directions(x, y, ref.thetas)
     mean, _, full = est.transform(x_out, y_out)
     assert np.isfinite(full).all()
@@ -354,7 +477,7 @@ def test_variance_floor_for_constant_class():
     x, y = make_clusters(60, 5, 3, sep=2.0, seed=15)
     x[y == 1] = np.array([0.3, -1.2, 0.7, 2.0, -0.4])
     theta = unit_directions(25, 5, seed=16)
-    est = PSMI(n_estimators=1)
+    est = PSMI(n_estimators=1, dtype=F64)
     with pytest.warns(UserWarning, match="variances were below the floor") as rec:
         mean, std, full = est.fit_transform_with_directions(x, y, theta)
     assert est.n_floored >= 25  # class 1 in every direction
@@ -384,15 +507,20 @@ def test_no_floor_warning_on_regular_data(small):
 def test_auto_stops_and_matches_fixed_run():
     """'auto' stops at a multiple of the block (>= 2 blocks) and equals the fixed run."""
     x, y = make_clusters(300, 8, 3, sep=10.0, seed=1)
-    est = PSMI("auto", min_n_estimators=50, max_n_estimators=20_000, seed=0)
+    est = PSMI("auto", min_n_estimators=50, max_n_estimators=20_000, seed=0, dtype=F64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mean, std, full = est.fit_transform(x, y)
     m = est.n_estimators
     assert m % 50 == 0 and 100 <= m < 20_000
     assert full.shape == (300, m) and est.thetas.shape == (m, 8)
-    fixed = PSMI(n_estimators=m, min_n_estimators=50, seed=0)
+    fixed = PSMI(n_estimators=m, min_n_estimators=50, seed=0, dtype=F64)
     f_mean, f_std, f_full = fixed.fit_transform(x, y)
+    # the float32 default stops at the same m with the same scores to float32 rounding
+    est32 = PSMI("auto", min_n_estimators=50, max_n_estimators=20_000, seed=0)
+    m32 = est32.fit_transform(x, y)[0]
+    assert est32.n_estimators == m
+    np.testing.assert_allclose(m32, mean, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(est.thetas, fixed.thetas)
     np.testing.assert_allclose(mean, f_mean, rtol=0, atol=1e-12)
     np.testing.assert_allclose(std, f_std, rtol=0, atol=1e-12)
@@ -417,11 +545,11 @@ def test_auto_stops_and_matches_fixed_run():
 def test_auto_capped_by_max_n_estimators():
     """Lowest PSMI near 0 (overlapping classes): the rule never holds, the cap warns."""
     x, y = make_clusters(300, 8, 3, sep=2.0, seed=1)
-    est = PSMI("auto", min_n_estimators=50, max_n_estimators=400, seed=0)
+    est = PSMI("auto", min_n_estimators=50, max_n_estimators=400, seed=0, dtype=F64)
     with pytest.warns(UserWarning, match="max_n_estimators=400"):
         mean, _, full = est.fit_transform(x, y)
     assert est.n_estimators == 400 and full.shape == (300, 400)
-    fixed = PSMI(n_estimators=400, min_n_estimators=50, seed=0).fit_transform(x, y)[0]
+    fixed = PSMI(n_estimators=400, min_n_estimators=50, seed=0, dtype=F64).fit_transform(x, y)[0]
     np.testing.assert_allclose(mean, fixed, rtol=0, atol=1e-12)
 
 
@@ -561,7 +689,7 @@ def test_transform_new_data_uses_fitted_stats(small):
     x_new = x_new[:20] + rng.normal(0, 0.5, (20, 5))
     y_new = np.array([2, 5, 9])[y_new[:20]]
     keep = y_new != 9  # transform without class 9 samples: priors stay those of the fit
-    est = PSMI(n_estimators=35, seed=22).fit(x, y)
+    est = PSMI(n_estimators=35, seed=22, dtype=F64).fit(x, y)
     mean, std, full = est.transform(x_new[keep], y_new[keep])
     o_mean, o_std, o_full, o_mu, o_sd = oracle_psmi(x, y, est.thetas, x_new[keep], y_new[keep])
     np.testing.assert_allclose(full, o_full, rtol=0, atol=1e-10)
@@ -580,7 +708,7 @@ def test_fitted_properties(small):
     x, y, _ = small
     y = y.copy()
     y[:5] = 9  # unbalanced
-    est = PSMI(n_estimators=33, seed=23).fit(x, y)
+    est = PSMI(n_estimators=33, seed=23, dtype=F64).fit(x, y)
     freq = est.frequency_per_label
     assert set(freq) == {2, 5, 9}
     assert math.isclose(sum(freq.values()), 1.0, abs_tol=1e-15)
@@ -618,7 +746,8 @@ def test_dead_columns_are_dropped_exactly(monkeypatch):
     fast = PSMI(n_estimators=200, seed=1).fit_transform(x, y)
     est = PSMI(n_estimators=200, seed=1)
     est.fit(x, y)
-    monkeypatch.setattr(psmi_mod, "_live_columns", lambda t: (t, None))
+    scan = psmi_mod._scan_input
+    monkeypatch.setattr(psmi_mod, "_scan_input", lambda t, rows: (None, scan(t, rows)[1]))
     slow = PSMI(n_estimators=200, seed=1).fit_transform(x, y)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -17,18 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_memo import ConceptErasure, IndexedDataset, LeaceEraser, LeaceFitter
-from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, trainer
+from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, seeded_fit, trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 120
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -55,12 +48,8 @@ def _cb(layers, tmp_path=None, **kw) -> ConceptErasure:
     return ConceptErasure(layers=layers, **kw)
 
 
-def _fit(tmp_path, cb, model=None, epochs=2, loader=None, **kw):
-    L.seed_everything(0, verbose=False)
-    model = model if model is not None else TinyMLP()
-    tr = trainer(tmp_path, [cb] if not isinstance(cb, list) else cb, max_epochs=epochs, **kw)
-    tr.fit(model, loader if loader is not None else make_loader())
-    return tr, model
+def _fit(tmp_path, cb, epochs=2, **kw):
+    return seeded_fit(tmp_path, cb, epochs=epochs, **kw)
 
 
 def _ref(x, z, **kw) -> LeaceEraser:
@@ -89,15 +78,20 @@ def _rel_cross_cov(erased, raw, z) -> float:
     return float(_cross_cov(erased, z).norm() / _cross_cov(raw, z).norm())
 
 
-class Capture:
-    """Our own hook, registered after ConceptErasure's: records what the next layer receives."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.out = []
-        self.handle = module.register_forward_hook(lambda m, i, o: self.out.append(o))
-
-    def remove(self):
-        self.handle.remove()
+def _erased_output(cb: ConceptErasure, model: nn.Module, module: nn.Module, *inputs):
+    """What the layer after ``module`` receives when ``cb``'s erasers are installed on ``model``:
+    our own hook, registered after ConceptErasure's, records ``module``'s output of one no-grad
+    forward pass of ``inputs``; both hooks are removed after."""
+    out = []
+    cb.install(model)
+    handle = module.register_forward_hook(lambda m, i, o: out.append(o))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        handle.remove()
+        cb.remove()
+    return out[0]
 
 
 # ---------------------------------------------------------------------------- 1. fit_start
@@ -130,13 +124,7 @@ def test_fit_start_erases_initial_activations_and_logs_probes(tmp_path):
     assert len(cb.history) == 1 and cb.history[0]["epoch"] == 0
     assert cb.history[0]["layers"]["net.1"]["n_rows"] == N
     # the initial model's fitting data, run through the model with our hooks: zero cross-cov
-    cb.install(init)
-    cap = Capture(init.net[1])
-    with torch.no_grad():
-        init(x)
-    cap.remove()
-    cb.remove()
-    erased = cap.out[0]
+    erased = _erased_output(cb, init, init.net[1], x)
     assert _rel_cross_cov(erased, raw0, y) < 1e-6
     assert _rel_cross_cov(raw0, raw0, y) == pytest.approx(1.0)
     torch.testing.assert_close(erased, ref(raw0), rtol=0, atol=1e-6)
@@ -187,13 +175,7 @@ def test_sequential_fits_each_layer_with_the_previous_erased(tmp_path, sequentia
     assert (cb.erasers["net.3"].P - other.P).abs().max() > 1e-3  # the two oracles differ
     assert len(cb.history) == (2 if sequential else 1)
     # sequential: in the erased network, net.3's output carries no linear trace of the concept
-    cb.install(init)
-    cap = Capture(init.net[3])
-    with torch.no_grad():
-        init(x)
-    cap.remove()
-    cb.remove()
-    rel = _rel_cross_cov(cap.out[0], a3, y)
+    rel = _rel_cross_cov(_erased_output(cb, init, init.net[3], x), a3, y)
     if sequential:
         assert rel < 1e-6
     else:  # fitted on the unerased network: erasing net.1 upstream breaks net.3's guarantee
@@ -544,13 +526,7 @@ def test_sequence_pooling_fits_on_real_tokens_and_erases_every_position(tmp_path
     _assert_same_eraser(cb.erasers["enc"], ref, 1e-6)
     assert _rel_cross_cov(ref(rows), rows, z) < 1e-6
     # applied at every position, padding included
-    cb.install(init)
-    cap = Capture(init.enc)
-    with torch.no_grad():
-        init(data.ids, data.mask)
-    cap.remove()
-    cb.remove()
-    out = cap.out[0]
+    out = _erased_output(cb, init, init.enc, data.ids, data.mask)
     assert out.shape == raw.shape
     torch.testing.assert_close(out, ref(raw), rtol=0, atol=1e-6)
     pad = ~mask.bool()
@@ -583,27 +559,23 @@ class TupleMLP(TinyMLP):
 
 
 @pytest.mark.parametrize("named", [False, True])
-def test_tuple_output_needs_output_index(tmp_path, named):
-    cb = _cb(["block"], tmp_path)
-    with pytest.raises(ValueError, match=r"'block' returns a \w+ of 2 elements.*output_index="):
-        _fit(tmp_path, cb, model=TupleMLP(named), epochs=1)
+def test_tuple_output_erases_hidden_states_by_default(tmp_path, named):
+    # output_key=None (default): the first tensor of a tuple; output_index= is its deprecated name
+    with pytest.warns(DeprecationWarning, match="output_index"):
+        assert _cb(["block"], tmp_path, output_index=0).output_key == 0
+    with pytest.raises(ValueError, match="pass output_key= only"):
+        _cb(["block"], tmp_path, output_index=0, output_key=0)
     L.seed_everything(0, verbose=False)
     model = TupleMLP(named)
     init = copy.deepcopy(model)
-    cb = _cb(["block"], tmp_path, output_index=0, constrain_cov_trace=False)
+    cb = _cb(["block"], tmp_path, constrain_cov_trace=False)
     _fit(tmp_path, cb, model=model, epochs=1)
     x, y = make_data()
     with torch.no_grad():
         h, aux = init.block(x)
     ref = _ref(h, y)
     _assert_same_eraser(cb.erasers["block"], ref, 1e-6)
-    cb.install(init)
-    cap = Capture(init.block)
-    with torch.no_grad():
-        init(x)
-    cb.remove()
-    cap.remove()
-    out = cap.out[0]
+    out = _erased_output(cb, init, init.block, x)
     assert type(out) is (Pair if named else tuple) and len(out) == 2
     torch.testing.assert_close(out[0], ref(h), rtol=0, atol=1e-6)
     assert torch.equal(out[1], aux)  # the other element is left as it was

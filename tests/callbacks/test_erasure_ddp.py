@@ -12,10 +12,9 @@ import json
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_memo import ConceptErasure, IndexedDataset, LeaceEraser, LeaceFitter
-from tests.callbacks.helpers import RankStrided, TinyMLP, fit_retrying_abort, make_data, trainer
+from lightning_memo import ConceptErasure, LeaceEraser, LeaceFitter
+from tests.callbacks.helpers import TinyMLP, fit_one_or_two_ranks, make_data
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +41,11 @@ def _run(folder, devices, batch_size, epochs=3):
     common = dict(constrain_cov_trace=False, progress=False)
     start = ConceptErasure(START, concept=group, output_dir=str(folder / "start"), **common)
     every = ConceptErasure(EPOCH, when="every_epoch", output_dir=str(folder / "every"), **common)
-    kw = {"strategy": "ddp_spawn", "devices": 2} if devices == 2 else {}
-    x, y = make_data(dtype=torch.float64)
-    ds = IndexedDataset(TensorDataset(x, y))
-    model = TinyMLP().double()
-    init = {k: v.clone() for k, v in model.state_dict().items()}
     # one process with batches of 40 == two processes with 20 each (rank-strided: the union of
     # the ranks' batches is the single-process batch; gradients are averaged), so the training,
     # its activations and the per-epoch erasers are the same
-    loader = DataLoader(ds, batch_size=batch_size, sampler=RankStrided(len(ds)))
-
-    def fit():  # from the initial weights each time (ddp_spawn loads rank 0's back)
-        model.load_state_dict(init)
-        tr = trainer(folder, [start, every], max_epochs=epochs, use_distributed_sampler=False, **kw)
-        tr.fit(model, loader)
-
-    fit_retrying_abort(fit)
+    model = TinyMLP().double()
+    init = fit_one_or_two_ranks(folder, [start, every], model, devices, batch_size, epochs=epochs)
     return _load(folder / "start"), _load(folder / "every"), init
 
 

@@ -4,37 +4,32 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memo import InfluenceAnalysis, TracIn
-from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, trainer
+from tests.callbacks.helpers import (
+    PSMLP,
+    TinyMLP,
+    make_data,
+    make_loader,
+    query_loader,
+    read_csv,
+    seeded_fit,
+    trainer,
+)
+from tests.helpers import assert_close_rel
 
 N = 120
 DAMPING = 0.05
 
 
-class PSMLP(TinyMLP):
-    def per_sample_loss(self, batch):
-        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
-
-
-def queries(n=10, seed=1, labels=True):
-    xq, yq = make_data(n, seed=seed)
-    ds = TensorDataset(xq, yq) if labels else TensorDataset(xq)
-    return DataLoader(ds, batch_size=4)
-
-
-def fit(tmp_path, callbacks, epochs=2, shuffle=True, model=None, **kw):
-    L.seed_everything(0, verbose=False)
-    model = model or PSMLP()
-    trainer(tmp_path, callbacks, max_epochs=epochs, **kw).fit(model, make_loader(shuffle=shuffle))
-    return model
+def fit(tmp_path, callbacks, epochs=2, shuffle=True, model=PSMLP, **kw):
+    loader = make_loader(shuffle=shuffle)
+    return seeded_fit(tmp_path, callbacks, epochs=epochs, model=model, loader=loader, **kw)[1]
 
 
 def brute_last_layer(model, damping):
@@ -65,12 +60,6 @@ def brute_last_layer(model, damping):
     return gq @ hinv @ gz.T, ((gz @ hinv) * gz).sum(1), (gz @ hinv).norm(dim=1)
 
 
-def assert_close(got, want, rtol):
-    """Relative to the largest magnitude (values near 0 are compared in absolute terms)."""
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
-
-
 @pytest.mark.parametrize("method", ["exact", "cg", "arnoldi"])
 def test_last_layer_equals_brute_force(tmp_path, method):
     """Shuffled training loader: results are placed by sample index, not by position."""
@@ -78,7 +67,7 @@ def test_last_layer_equals_brute_force(tmp_path, method):
     ia = InfluenceAnalysis(
         method=method,
         layers=["net.4"],
-        queries=queries(),
+        queries=query_loader(),
         damping=DAMPING,
         max_examples=N,
         progress=False,
@@ -88,9 +77,9 @@ def test_last_layer_equals_brute_force(tmp_path, method):
     model = fit(tmp_path, [ia])
     want_scores, want_self, want_norm = brute_last_layer(model, DAMPING)
     rtol = 1e-4 if method != "exact" else 1e-5  # float32 model: gradients in float32
-    assert_close(ia.scores, want_scores, rtol)
-    assert_close(ia.self_influence, want_self, rtol)
-    assert_close(ia.hinv_norm, want_norm, rtol)
+    assert_close_rel(ia.scores, want_scores, rtol)
+    assert_close_rel(ia.self_influence, want_self, rtol)
+    assert_close_rel(ia.hinv_norm, want_norm, rtol)
     csv = read_csv(tmp_path / "out" / "self_influence.csv")
     np.testing.assert_array_equal(csv["index"], np.arange(N))
     np.testing.assert_array_equal(csv["label"], make_data(N)[1].numpy())
@@ -110,19 +99,23 @@ def test_ekfac_matches_kfac_module_and_is_cached(tmp_path):
     """Second run with the same config and weights reuses factors and scores; a changed
     configuration (damping) or changed weights recompute."""
     out = str(tmp_path / "out")
-    ia = InfluenceAnalysis(queries=queries(), progress=False, output_dir=out, fisher="empirical")
+    ia = InfluenceAnalysis(
+        queries=query_loader(), progress=False, output_dir=out, fisher="empirical"
+    )
     model = fit(tmp_path, [ia])
     assert ia.reused == {"factors": False, "scores": False}
     assert ia.scores.shape == (10, N) and torch.isfinite(ia.scores).all()
     assert (ia.self_influence > 0).all() and (ia.hinv_norm > 0).all()
     tr = trainer(tmp_path, [])
-    again = InfluenceAnalysis(queries=queries(), progress=False, output_dir=out, fisher="empirical")
+    again = InfluenceAnalysis(
+        queries=query_loader(), progress=False, output_dir=out, fisher="empirical"
+    )
     again.run(tr, model, train=make_loader())
     assert again.reused == {"factors": True, "scores": True}
     torch.testing.assert_close(again.scores, ia.scores)
     torch.testing.assert_close(again.self_influence, ia.self_influence)
     other = InfluenceAnalysis(
-        queries=queries(), progress=False, output_dir=out, fisher="empirical", damping=0.3
+        queries=query_loader(), progress=False, output_dir=out, fisher="empirical", damping=0.3
     )
     other.run(tr, model, train=make_loader())
     assert other.reused == {"factors": False, "scores": False}
@@ -130,13 +123,13 @@ def test_ekfac_matches_kfac_module_and_is_cached(tmp_path):
     with torch.no_grad():
         model.net[0].bias.add_(0.1)  # the model changed: checksum differs, refit
     changed = InfluenceAnalysis(
-        queries=queries(), progress=False, output_dir=out, fisher="empirical"
+        queries=query_loader(), progress=False, output_dir=out, fisher="empirical"
     )
     changed.run(tr, model, train=make_loader())
     assert changed.reused == {"factors": False, "scores": False}
     # other queries with the same factors: factors reused, scores recomputed
     fresh = InfluenceAnalysis(
-        queries=queries(seed=7), progress=False, output_dir=out, fisher="empirical"
+        queries=query_loader(seed=7), progress=False, output_dir=out, fisher="empirical"
     )
     fresh.run(tr, model, train=make_loader())
     assert fresh.reused == {"factors": True, "scores": False}
@@ -144,7 +137,7 @@ def test_ekfac_matches_kfac_module_and_is_cached(tmp_path):
 
 def test_cg_reruns_in_the_same_folder(tmp_path):
     """CG keeps a Hessian-vector product, not factors: nothing to reuse, but a rerun works."""
-    kw = dict(method="cg", layers=["net.4"], damping=5.0, queries=queries(), progress=False)
+    kw = dict(method="cg", layers=["net.4"], damping=5.0, queries=query_loader(), progress=False)
     first = InfluenceAnalysis(output_dir=str(tmp_path / "o"), **kw)
     model = fit(tmp_path, [first], epochs=1)
     second = InfluenceAnalysis(output_dir=str(tmp_path / "o"), **kw)
@@ -154,9 +147,9 @@ def test_cg_reruns_in_the_same_folder(tmp_path):
 
 
 def test_run_on_demand_equals_on_fit_end(tmp_path):
-    auto = InfluenceAnalysis(method="kfac", queries=queries(), progress=False, cache=False)
+    auto = InfluenceAnalysis(method="kfac", queries=query_loader(), progress=False, cache=False)
     model = fit(tmp_path / "a", [auto])
-    manual = InfluenceAnalysis(method="kfac", queries=queries(), progress=False, cache=False)
+    manual = InfluenceAnalysis(method="kfac", queries=query_loader(), progress=False, cache=False)
     manual.run(trainer(tmp_path / "b", []), model, train=make_loader())
     torch.testing.assert_close(manual.scores, auto.scores)
     torch.testing.assert_close(manual.self_influence, auto.self_influence)
@@ -168,11 +161,11 @@ def test_tensorboard_and_image_grid(tmp_path):
     from lightning_memo.callbacks.influence_report import proponent_images
 
     ia = InfluenceAnalysis(
-        method="kfac", queries=queries(), progress=False, image_shape=(2, 4), n_show=2
+        method="kfac", queries=query_loader(), progress=False, image_shape=(2, 4), n_show=2
     )
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     fit(tmp_path, [ia], logger=logger)
-    grid = proponent_images(ia, make_loader(), queries())
+    grid = proponent_images(ia, make_loader(), query_loader())
     assert grid.shape[0] == 3 and grid.shape[1] > grid.shape[2] / 11 * 2 * 0.5
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -198,7 +191,7 @@ def test_group_influence_from_the_callback(tmp_path):
     """Order 1 = (1/N) x the summed scores of each group's members; order 2 (exact Hessian)
     differs from it by the pairwise term; groups by label column."""
     ia = InfluenceAnalysis(
-        method="exact", layers=["net.4"], queries=queries(), damping=DAMPING, max_examples=N,
+        method="exact", layers=["net.4"], queries=query_loader(), damping=DAMPING, max_examples=N,
         progress=False,
     )  # fmt: skip
     fit(tmp_path, [ia])
@@ -206,13 +199,13 @@ def test_group_influence_from_the_callback(tmp_path):
     first = ia.group_influence(groups)
     want = torch.stack([ia.scores[:, g].double().sum(1) / N for g in groups])
     assert first.shape == (2, 10)
-    assert_close(first, want, 1e-5)
+    assert_close_rel(first, want, 1e-5)
     second = ia.group_influence(groups, order=2)
     assert second.shape == (2, 10) and not torch.allclose(second, first)
     by_label = ia.group_influence(make_data(N)[1])
     labels = make_data(N)[1]
     want = torch.stack([ia.scores[:, labels == c].double().sum(1) / N for c in range(3)])
-    assert_close(by_label, want, 1e-5)
+    assert_close_rel(by_label, want, 1e-5)
     with pytest.raises(ValueError, match="out of range"):
         ia.group_influence([[0, N + 3]])
 
@@ -258,7 +251,7 @@ def test_negative_hessian_eigenvalues_warn_with_count(tmp_path):
 
 
 def test_query_loader_without_labels(tmp_path):
-    ia = InfluenceAnalysis(method="kfac", queries=queries(labels=False), progress=False)
+    ia = InfluenceAnalysis(method="kfac", queries=query_loader(labels=False), progress=False)
     with pytest.raises(ValueError, match="The query loader has no labels"):
         fit(tmp_path, [ia], epochs=1)
 
@@ -276,7 +269,7 @@ def test_exact_on_too_many_parameters(tmp_path):
 def test_representer_points_from_the_callback(tmp_path):
     """The decomposition of the refitted last layer reproduces its logits; top-k lists exist."""
     ia = InfluenceAnalysis(
-        method="representer", queries=queries(), progress=False, method_kwargs={"l2": 1e-2}
+        method="representer", queries=query_loader(), progress=False, method_kwargs={"l2": 1e-2}
     )
     model = fit(tmp_path, [ia])
     est = ia.estimator
@@ -295,10 +288,10 @@ def test_boundary_and_gex_from_the_callback(tmp_path):
     """Boundary: self-influence only (= minus the distance to the decision boundary, which
     moving the input by that distance along the found direction crosses); GEX: scores are the
     covariance of the ensemble's loss changes, self-influence their mean square."""
-    boundary = InfluenceAnalysis(method="boundary", queries=queries(), progress=False)
+    boundary = InfluenceAnalysis(method="boundary", queries=query_loader(), progress=False)
     gex = InfluenceAnalysis(
         method="gex",
-        queries=queries(),
+        queries=query_loader(),
         progress=False,
         method_kwargs={"num_ens": 3, "ft_step": 12, "ft_lr": 0.01},
         output_dir=str(tmp_path / "gex"),
@@ -334,13 +327,15 @@ def test_keyword_only_arguments_and_method_options():
 def test_parameters_select_what_is_differentiated(tmp_path):
     """parameters= (names or globs) equals layers= for whole layers; a single parameter works for
     exact and is refused for K-FAC (which factors whole layers)."""
-    kw = dict(method="exact", queries=queries(), damping=DAMPING, max_examples=N, progress=False)
+    kw = dict(
+        method="exact", queries=query_loader(), damping=DAMPING, max_examples=N, progress=False
+    )
     by_layer = InfluenceAnalysis(layers=["net.4"], **kw)
     by_glob = InfluenceAnalysis(parameters="net.4.*", **kw)
     weight = InfluenceAnalysis(parameters=["net.4.weight"], **kw)
     fit(tmp_path, [by_layer, by_glob, weight])
     assert len({by_layer.out_dir, by_glob.out_dir, weight.out_dir}) == 3  # one folder each
-    assert_close(by_glob.scores, by_layer.scores, 1e-5)
+    assert_close_rel(by_glob.scores, by_layer.scores, 1e-5)
     assert by_glob.config["parameters"] == ["net.4.weight", "net.4.bias"]
     assert weight.config["num_parameters"] == 48 and weight.scores.shape == (10, N)
     kfac = InfluenceAnalysis(method="kfac", parameters=["net.4.weight"], progress=False)
@@ -352,13 +347,13 @@ def test_parameters_select_what_is_differentiated(tmp_path):
 
 @pytest.mark.parametrize("bar", [False, True])
 def test_progress_follows_the_trainer(tmp_path, capfd, bar):
-    ia = InfluenceAnalysis(method="kfac", queries=queries(), cache=False)
+    ia = InfluenceAnalysis(method="kfac", queries=query_loader(), cache=False)
     fit(tmp_path, [ia], epochs=1, enable_progress_bar=bar)
     assert ("Influence (kfac)" in capfd.readouterr().err) is bar
 
 
 def test_state_dict_says_what_was_computed(tmp_path):
-    ia = InfluenceAnalysis(method="kfac", queries=queries(), progress=False, top_k=3)
+    ia = InfluenceAnalysis(method="kfac", queries=query_loader(), progress=False, top_k=3)
     assert ia.state_dict()["ran"] is False
     fit(tmp_path, [ia], epochs=1)
     state = ia.state_dict()

@@ -21,15 +21,11 @@ from lightning_memo import (
     MissingLabelError,
     SampleIndexError,
 )
-from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, trainer
+from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, seeded_fit, trainer
 
 
-def _fit(tmp_path, monitor, epochs=3, loader=None, model=None, **kw):
-    L.seed_everything(0, verbose=False)
-    model = model or TinyMLP()
-    tr = trainer(tmp_path, [monitor], max_epochs=epochs, **kw)
-    tr.fit(model, loader if loader is not None else make_loader())
-    return tr, model
+def _fit(tmp_path, monitor, epochs=3, **kw):
+    return seeded_fit(tmp_path, monitor, epochs=epochs, **kw)
 
 
 def test_eval_source_scores_equal_independent_recomputation(tmp_path):

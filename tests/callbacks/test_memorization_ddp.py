@@ -8,17 +8,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_memo import IndexedDataset, MemorizationMonitor
-from tests.callbacks.helpers import (
-    RankStrided,
-    TinyMLP,
-    fit_retrying_abort,
-    make_data,
-    read_csv,
-    trainer,
-)
+from lightning_memo import MemorizationMonitor
+from tests.callbacks.helpers import TinyMLP, fit_one_or_two_ranks, read_csv
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +26,8 @@ def _run(folder, devices, batch_size, source, epochs=3, **mon_kw):
         feature_dtype=torch.float64,
         **mon_kw,
     )
-    kw = {"strategy": "ddp_spawn", "devices": 2} if devices == 2 else {}
-    x, y = make_data(dtype=torch.float64)
-    ds = IndexedDataset(TensorDataset(x, y))
-    loader = DataLoader(ds, batch_size=batch_size, sampler=RankStrided(120))
-
-    def fit():
-        L.seed_everything(0, verbose=False)
-        tr = trainer(folder, [mon], max_epochs=epochs, use_distributed_sampler=False, **kw)
-        tr.fit(TinyMLP().double(), loader)
-
-    fit_retrying_abort(fit)
+    model = TinyMLP().double()
+    fit_one_or_two_ranks(folder, [mon], model, devices, batch_size, epochs=epochs)
     return mon
 
 
@@ -71,5 +54,5 @@ def test_ddp_stop_on_flag_stops_every_rank(tmp_path):
     flagged = read_csv(out / "flagged.csv")
     assert len(flagged["index"]) == 120 and (flagged["epoch_flagged"] == 1).all()
     assert sorted(os.listdir(out)) == sorted(
-        ["config.json", "epoch_0.csv", "epoch_1.csv", "flagged.csv", "history.json"]
+        ["config.json", "epoch_0.csv", "epoch_1.csv", "flagged.csv", "history.json", "samples.json"]
     )

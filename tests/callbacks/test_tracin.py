@@ -19,27 +19,21 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memo import IndexedDataset, LayerNotFoundError, MissingIndexError, TracIn
-from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, trainer
+from tests.callbacks.helpers import (
+    SchedMLP,
+    TinyMLP,
+    make_data,
+    make_loader,
+    query_loader,
+    read_csv,
+    seeded_fit,
+    trainer,
+)
+from tests.helpers import assert_close_rel, ce_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 120
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def ps_loss(module, batch):
-    return F.cross_entropy(module(batch[0]), batch[1], reduction="none")
-
-
-def queries(n=10, seed=1):
-    xq, yq = make_data(n, seed=seed)
-    return DataLoader(TensorDataset(xq, yq), batch_size=4)
 
 
 class Recorder(Callback):
@@ -55,14 +49,6 @@ class Recorder(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.ckpts.append((copy.deepcopy(pl_module.state_dict()), self.lrs))
-
-
-class SchedMLP(TinyMLP):
-    """TinyMLP (SGD + momentum) with the learning rate halved every epoch."""
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
 
 
 def loop_grads(model, x, y, names=None):
@@ -101,20 +87,13 @@ def oracle(recorder, model_fn, xq=None, yq=None, lr_of=None):
     return self_inf, scores
 
 
-def assert_close(got, want, rtol=1e-5):
-    """Relative to the largest magnitude (scores near 0 are compared in absolute terms)."""
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    atol = rtol * float(want.abs().max())
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
-
-
 @pytest.fixture(scope="module")
 def exact_run(tmp_path_factory):
     """3 epochs of SchedMLP (lr 0.05, 0.025, 0.0125), shuffled loader, exact checkpoints mode."""
     tmp = tmp_path_factory.mktemp("exact")
     L.seed_everything(0, verbose=False)
     rec = Recorder()
-    tracin = TracIn(projection_dim=None, queries=queries(), loss_fn=ps_loss, progress=False)
+    tracin = TracIn(projection_dim=None, queries=query_loader(), loss_fn=ce_loss, progress=False)
     model = SchedMLP()
     trainer(tmp, [rec, tracin], max_epochs=3).fit(model, make_loader(shuffle=True))
     return rec, tracin, model
@@ -129,10 +108,10 @@ def test_checkpoints_mode_exact_equals_oracle(exact_run):
     assert tracin.store.layout == [(9, 16), (17, 16), (17, 3)]
     xq, yq = make_data(10, seed=1)
     want_self, want_scores = oracle(rec, SchedMLP, xq, yq)
-    assert_close(tracin.self_influence, want_self)
+    assert_close_rel(tracin.self_influence, want_self)
     scores = tracin.scores
     assert scores.shape == (10, N)
-    assert_close(scores, want_scores)
+    assert_close_rel(scores, want_scores)
     # lr per checkpoint matters: with the lr of the first epoch everywhere it would not match
     flat_lr, _ = oracle(rec, SchedMLP, lr_of=lambda n, lrs: 0.05)
     assert not torch.allclose(flat_lr, want_self, rtol=1e-2)
@@ -177,8 +156,8 @@ def test_parity_with_captum_tracincp(exact_run, tmp_path, per_batch):
         f"captum parity ({'per-batch' if per_batch else 'loop'}): max rel err self-influence "
         f"{err_self:.2e}, scores {err_scores:.2e} (of max |score|)"
     )
-    assert_close(tracin.self_influence, theirs_self)
-    assert_close(tracin.scores, theirs_scores)
+    assert_close_rel(tracin.self_influence, theirs_self)
+    assert_close_rel(tracin.scores, theirs_scores)
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +166,8 @@ def projected_run(tmp_path_factory):
     gradient entries -> 997 features; exact stores them factored in 270 numbers) side by side in
     one run."""
     L.seed_everything(0, verbose=False)
-    exact = TracIn(projection_dim=None, queries=queries(), loss_fn=ps_loss, progress=False)
-    proj = TracIn(projection_dim=1024, queries=queries(), loss_fn=ps_loss, progress=False)
+    exact = TracIn(projection_dim=None, queries=query_loader(), loss_fn=ce_loss, progress=False)
+    proj = TracIn(projection_dim=1024, queries=query_loader(), loss_fn=ce_loss, progress=False)
     tr = trainer(tmp_path_factory.mktemp("proj"), [exact, proj], max_epochs=2)
     tr.fit(TinyMLP(hidden=64), make_loader())
     assert exact.features.total == 4931 and exact.features.dim == 270
@@ -263,8 +242,8 @@ def test_online_mode_equals_replayed_training(tmp_path, reduction, lr):
         mode="online",
         projection_dim=None,
         loss_reduction=reduction,
-        queries=queries(),
-        loss_fn=ps_loss,
+        queries=query_loader(),
+        loss_fn=ce_loss,
         progress=False,
     )
     trainer(tmp_path, [rec, tracin], max_epochs=2).fit(model, make_loader(n, shuffle=True))
@@ -290,8 +269,8 @@ def test_online_mode_equals_replayed_training(tmp_path, reduction, lr):
         opt.step()
     for (name, p), q in zip(model.named_parameters(), replay.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)  # same training
-    assert_close(tracin.self_influence, want_self)
-    assert_close(tracin.scores, want_scores)
+    assert_close_rel(tracin.self_influence, want_self)
+    assert_close_rel(tracin.scores, want_scores)
     assert tracin.store is not None and len(tracin.store) == 0  # no extra pass was made
 
 
@@ -312,8 +291,8 @@ def test_learning_rate_per_parameter_group_and_files(tmp_path):
     rec = Recorder()
     tracin = TracIn(
         projection_dim=None,
-        queries=queries(),
-        loss_fn=ps_loss,
+        queries=query_loader(),
+        loss_fn=ce_loss,
         top_k=5,
         output_dir=str(out),
         progress=False,
@@ -325,8 +304,8 @@ def test_learning_rate_per_parameter_group_and_files(tmp_path):
         return lrs[0] if name.startswith("net.0.") else lrs[1]
 
     want_self, want_scores = oracle(rec, GroupMLP, xq, yq, lr_of=lr_of)
-    assert_close(tracin.self_influence, want_self)
-    assert_close(tracin.scores, want_scores)
+    assert_close_rel(tracin.self_influence, want_self)
+    assert_close_rel(tracin.scores, want_scores)
     one_lr, _ = oracle(rec, GroupMLP, lr_of=lambda n, lrs: lrs[0])
     assert not torch.allclose(one_lr, want_self, rtol=1e-2)  # the groups' lrs do matter
     # files
@@ -372,7 +351,7 @@ def test_non_linear_layer_in_checkpoints_mode_carries_learning_rate(tmp_path):
     """The torch.func path (LayerNorm) also weights each checkpoint by the optimizer's lr."""
     L.seed_everything(0, verbose=False)
     rec = Recorder()
-    tracin = TracIn(layers=["net.1", "net.3"], projection_dim=None, loss_fn=ps_loss, progress=False)
+    tracin = TracIn(layers=["net.1", "net.3"], projection_dim=None, loss_fn=ce_loss, progress=False)
     trainer(tmp_path, [rec, tracin], max_epochs=2).fit(NormMLP(), make_loader())
     assert not tracin.features.linear
     x, y = make_data(N)
@@ -384,20 +363,17 @@ def test_non_linear_layer_in_checkpoints_mode_carries_learning_rate(tmp_path):
             model, x, y, names={"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
         )
         want += lrs[0] * g.square().sum(1)
-    assert_close(tracin.self_influence, want)
+    assert_close_rel(tracin.self_influence, want)
+
+
+def _every_n_steps(n: int) -> TracIn:
+    return TracIn(projection_dim=32, checkpoints="every_n_steps", every_n_steps=n, loss_fn=ce_loss)
 
 
 def test_every_n_epochs_and_every_n_steps(tmp_path):
-    L.seed_everything(0, verbose=False)
-    by_epoch = TracIn(projection_dim=64, every_n_epochs=2, loss_fn=ps_loss, progress=False)
-    by_step = TracIn(
-        projection_dim=32,
-        checkpoints="every_n_steps",
-        every_n_steps=4,
-        loss_fn=ps_loss,
-        progress=False,
-    )
-    trainer(tmp_path, [by_epoch, by_step], max_epochs=3).fit(TinyMLP(), make_loader())
+    by_epoch = TracIn(projection_dim=64, every_n_epochs=2, loss_fn=ce_loss, progress=False)
+    by_step = _every_n_steps(4)
+    seeded_fit(tmp_path, [by_epoch, by_step], epochs=3)
     assert by_epoch.store.steps == [12]  # after epoch 2 (index 1): 6 steps per epoch
     assert by_step.store.steps == [4, 8, 12, 16]
     assert by_step.store.missing() == 0 and (by_step.self_influence > 0).all()
@@ -406,39 +382,26 @@ def test_every_n_epochs_and_every_n_steps(tmp_path):
 def test_every_n_steps_counts_optimizer_steps_under_accumulation(tmp_path):
     """With accumulate_grad_batches=2 the step counter stays put for a batch: one checkpoint per
     reached multiple, none before the first step (regression: [0, 2, 2])."""
-    L.seed_everything(0, verbose=False)
-    tracin = TracIn(
-        projection_dim=32,
-        checkpoints="every_n_steps",
-        every_n_steps=2,
-        loss_fn=ps_loss,
-        progress=False,
-    )
-    trainer(tmp_path, [tracin], max_epochs=1, accumulate_grad_batches=2).fit(
-        TinyMLP(), make_loader()
-    )
+    tracin = _every_n_steps(2)
+    seeded_fit(tmp_path, tracin, epochs=1, accumulate_grad_batches=2)
     assert tracin.store.steps == [2]  # 6 batches -> 3 optimizer steps
 
 
 # --------------------------------------------------------------------------- bad input
-def _fit(tmp_path, tracin, model=None, loader=None, epochs=1, **kw):
-    L.seed_everything(0, verbose=False)
-    cbs = tracin if isinstance(tracin, list) else [tracin]
-    tr = trainer(tmp_path, cbs, max_epochs=epochs, **kw)
-    tr.fit(model or TinyMLP(), loader if loader is not None else make_loader())
-    return tr
+def _fit(tmp_path, tracin, epochs=1, **kw):
+    return seeded_fit(tmp_path, tracin, epochs=epochs, **kw)[0]
 
 
 def test_layer_without_trainable_parameters(tmp_path):
     with pytest.raises(ValueError, match=r"\['net.1'\] have no trainable parameters"):
-        _fit(tmp_path, TracIn(layers=["net.1"], loss_fn=ps_loss))  # Tanh
+        _fit(tmp_path, TracIn(layers=["net.1"], loss_fn=ce_loss))  # Tanh
     frozen = TinyMLP()
     frozen.net[4].requires_grad_(False)
     with pytest.raises(ValueError, match=r"\['net.4'\] have no trainable parameters"):
-        _fit(tmp_path, TracIn(layers=["net.4"], loss_fn=ps_loss), model=frozen)
+        _fit(tmp_path, TracIn(layers=["net.4"], loss_fn=ce_loss), model=frozen)
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable nn.Linear layer"):
-        _fit(tmp_path, TracIn(loss_fn=ps_loss), model=frozen)
+        _fit(tmp_path, TracIn(loss_fn=ce_loss), model=frozen)
 
 
 def test_model_without_per_sample_loss(tmp_path):
@@ -466,7 +429,7 @@ def test_model_without_per_sample_loss(tmp_path):
 
 
 def test_projection_dim_not_smaller_than_gradient_warns_and_is_exact(tmp_path):
-    tracin = TracIn(layers=["net.4"], projection_dim=1000, loss_fn=ps_loss, progress=False)
+    tracin = TracIn(layers=["net.4"], projection_dim=1000, loss_fn=ce_loss, progress=False)
     with pytest.warns(
         UserWarning,
         match="projection_dim=1000 is not smaller than the gradient size 51; using exact",
@@ -478,7 +441,7 @@ def test_projection_dim_not_smaller_than_gradient_warns_and_is_exact(tmp_path):
 
 def test_query_loader_without_labels(tmp_path):
     xq, _ = make_data(6, seed=1)
-    tracin = TracIn(queries=DataLoader(TensorDataset(xq), batch_size=3), loss_fn=ps_loss)
+    tracin = TracIn(queries=DataLoader(TensorDataset(xq), batch_size=3), loss_fn=ce_loss)
     with pytest.raises(ValueError, match="The query loader has no labels.*label_key="):
         _fit(tmp_path, tracin, limit_train_batches=1)
 
@@ -487,14 +450,14 @@ def test_batch_without_indices(tmp_path):
     x, y = make_data(N)
     loader = DataLoader(TensorDataset(x, y), batch_size=20, shuffle=True)
     with pytest.raises(MissingIndexError, match="IndexedDataset"):
-        _fit(tmp_path, TracIn(loss_fn=ps_loss), loader=loader)
+        _fit(tmp_path, TracIn(loss_fn=ce_loss), loader=loader)
 
 
 def test_online_mode_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"mode='online'.*\['LayerNorm'\].*mode='checkpoints'"):
-        _fit(tmp_path, TracIn(layers=["net.1"], mode="online", loss_fn=ps_loss), model=NormMLP())
+        _fit(tmp_path, TracIn(layers=["net.1"], mode="online", loss_fn=ce_loss), model=NormMLP())
     with pytest.raises(ValueError, match="accumulate_grad_batches=1"):
-        _fit(tmp_path, TracIn(mode="online", loss_fn=ps_loss), accumulate_grad_batches=2)
+        _fit(tmp_path, TracIn(mode="online", loss_fn=ce_loss), accumulate_grad_batches=2)
 
 
 def test_argument_validation():
@@ -511,7 +474,7 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="without queries"):
         no_queries.top_k_for(0)
     with pytest.raises(ValueError, match="no scores yet.*trainer.fit"):
-        TracIn(queries=queries()).top_k_for(0)
+        TracIn(queries=query_loader()).top_k_for(0)
     with pytest.raises(TypeError, match="positional"):
         TracIn(["net.4"], ["net.4.weight"])  # keyword-only after layers
 
@@ -539,8 +502,8 @@ def test_resume_keeps_recorded_checkpoints(tmp_path, on_disk):
         L.seed_everything(0, verbose=False)
         tracin = TracIn(
             projection_dim=128,
-            queries=queries(),
-            loss_fn=ps_loss,
+            queries=query_loader(),
+            loss_fn=ce_loss,
             progress=False,
             store_on_disk=on_disk,
         )
@@ -563,17 +526,17 @@ def test_resume_keeps_recorded_checkpoints(tmp_path, on_disk):
     assert len(resumed.store) == 4 and resumed.store.steps == [6, 12, 18, 24]
     assert len(resumed.query_grads) == 4
     torch.testing.assert_close(resumed.store.grads(0), first_grads)
-    assert_close(resumed.self_influence, full.self_influence)
-    assert_close(resumed.scores, full.scores)
+    assert_close_rel(resumed.self_influence, full.self_influence)
+    assert_close_rel(resumed.scores, full.scores)
 
 
 def test_resume_with_another_seed_is_refused(tmp_path):
     mc = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
-    first = TracIn(projection_dim=64, loss_fn=ps_loss)
+    first = TracIn(projection_dim=64, loss_fn=ce_loss)
     tr = trainer(tmp_path / "a", [first, mc], max_epochs=1, enable_checkpointing=True)
     tr.fit(TinyMLP(), make_loader())
     last = str(tmp_path / "ck" / "last.ckpt")
-    tracin = TracIn(projection_dim=64, loss_fn=ps_loss, seed=5)
+    tracin = TracIn(projection_dim=64, loss_fn=ce_loss, seed=5)
     with pytest.raises(ValueError, match="recorded with seed=0, this TracIn has seed=5"):
         tr = trainer(tmp_path / "b", [tracin], max_epochs=2, enable_checkpointing=True)
         tr.fit(TinyMLP(), make_loader(), ckpt_path=last)
@@ -582,7 +545,7 @@ def test_resume_with_another_seed_is_refused(tmp_path):
 def test_parameters_by_name_add_up_to_the_layer_path(tmp_path):
     """parameters= (single parameters: torch.func path) vs layers= (Linear hooks, factored):
     gradient inner products add over parameters, so weight + bias = the whole layer."""
-    kw = dict(projection_dim=None, queries=queries(), loss_fn=ps_loss, progress=False)
+    kw = dict(projection_dim=None, queries=query_loader(), loss_fn=ce_loss, progress=False)
     by_layer = TracIn(layers=["net.4"], **kw)
     weight = TracIn(parameters="net.4.weight", **kw)
     bias = TracIn(parameters=["net.4.b*"], **kw)
@@ -590,15 +553,15 @@ def test_parameters_by_name_add_up_to_the_layer_path(tmp_path):
     _fit(tmp_path, [by_layer, weight, bias, whole], limit_train_batches=3, epochs=2)
     assert by_layer.store.layout == whole.store.layout == [(17, 3)]
     assert weight.store.layout is None and (weight.store.dim, bias.store.dim) == (48, 3)
-    assert_close(weight.self_influence + bias.self_influence, by_layer.self_influence)
-    assert_close(weight.scores + bias.scores, by_layer.scores)
-    assert_close(whole.scores, by_layer.scores)
+    assert_close_rel(weight.self_influence + bias.self_influence, by_layer.self_influence)
+    assert_close_rel(weight.scores + bias.scores, by_layer.scores)
+    assert_close_rel(whole.scores, by_layer.scores)
     assert (weight.self_influence < by_layer.self_influence).all()
     with pytest.raises(
         LayerNotFoundError,
         match=r"No parameter matches 'net.4.wieght'.*Closest names: net.4.weight",
     ):
-        _fit(tmp_path / "x", TracIn(parameters=["net.4.wieght"], loss_fn=ps_loss))
+        _fit(tmp_path / "x", TracIn(parameters=["net.4.wieght"], loss_fn=ce_loss))
     with pytest.raises(ValueError, match="not both"):
         TracIn(layers=["net.4"], parameters=["net.4.weight"])
 
@@ -629,7 +592,7 @@ class UnsupervisedMLP(TinyMLP):
 def test_progress_follows_the_trainer(tmp_path, capfd, bar, progress, shown):
     """progress=None: TracIn's checkpoint passes draw a bar only when the Trainer draws one, so
     Trainer(enable_progress_bar=False) silences them; True / False force it."""
-    tracin = TracIn(projection_dim=16, queries=queries(), loss_fn=ps_loss, progress=progress)
+    tracin = TracIn(projection_dim=16, queries=query_loader(), loss_fn=ce_loss, progress=progress)
     capfd.readouterr()
     _fit(tmp_path, tracin, limit_train_batches=2, enable_progress_bar=bar)
     err = capfd.readouterr().err

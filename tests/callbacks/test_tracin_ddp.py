@@ -15,25 +15,25 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_memo import IndexedDataset, TracIn
+from lightning_memo import TracIn
 from lightning_memo.influence import row_dot, row_sq_norm
 from tests.callbacks.helpers import (
-    RankStrided,
-    TinyMLP,
-    fit_retrying_abort,
-    make_data,
+    SchedMLP,
+    assert_same_attribution_files,
+    fit_one_or_two_ranks,
+    query_loader,
     read_csv,
-    trainer,
+    single_and_ddp_runs,
 )
+from tests.helpers import assert_close_rel
 
 pytestmark = pytest.mark.slow
 
 N = 120
 N_QUERY = 10
 TOP_K = 5
+RTOL = 1e-6
 CONFIGS = {  # name: TracIn keyword arguments
     "ckpt_exact": {"mode": "checkpoints", "projection_dim": None},
     "ckpt_proj": {"mode": "checkpoints", "projection_dim": 256},
@@ -42,27 +42,12 @@ CONFIGS = {  # name: TracIn keyword arguments
 }
 
 
-class SchedMLP(TinyMLP):
-    """TinyMLP (8 -> 32 -> 32 -> 3, 1,443 gradient entries), SGD + momentum, lr halved each
-    epoch (so every checkpoint / step carries its own learning rate)."""
-
-    def __init__(self):
-        super().__init__(hidden=32, lr=0.1)
-
-    def per_sample_loss(self, batch):  # the documented hook: picklable for ddp_spawn
-        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)}
-
-
 def _run(folder, devices, batch_size, epochs=3):
-    """Fit with the four TracIn configurations; rank-strided order, so one process with batches of
-    2 * b sees the union of the two ranks' batches of b (the averaged gradients are equal)."""
+    """Fit with the four TracIn configurations (SchedMLP 8 -> 32 -> 32 -> 3, 1,443 gradient
+    entries, lr 0.1 halved each epoch); rank-strided order, so one process with batches of 2 * b
+    sees the union of the two ranks' batches of b (the averaged gradients are equal)."""
     L.seed_everything(0, verbose=False)
-    xq, yq = make_data(N_QUERY, seed=1, dtype=torch.float64)
-    queries = DataLoader(TensorDataset(xq, yq), batch_size=4)
+    queries = query_loader(N_QUERY, dtype=torch.float64)
     callbacks = [
         TracIn(
             queries=queries,
@@ -75,57 +60,21 @@ def _run(folder, devices, batch_size, epochs=3):
         for name, kw in CONFIGS.items()
     ]
     assert len({cb.state_key for cb in callbacks}) == len(callbacks)
-    kw = {"strategy": "ddp_spawn", "devices": 2} if devices == 2 else {}
-    x, y = make_data(N, dtype=torch.float64)
-    ds = IndexedDataset(TensorDataset(x, y))
-    loader = DataLoader(ds, batch_size=batch_size, sampler=RankStrided(N))
-    model = SchedMLP().double()
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def fit():  # from the initial weights each time (ddp_spawn loads rank 0's back)
-        model.load_state_dict(init)
-        tr = trainer(folder, callbacks, max_epochs=epochs, use_distributed_sampler=False, **kw)
-        tr.fit(model, loader)
-
-    fit_retrying_abort(fit)
+    model = SchedMLP(hidden=32, lr=0.1).double()
+    fit_one_or_two_ranks(folder, callbacks, model, devices, batch_size, n=N, epochs=epochs)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    single = tmp_path_factory.mktemp("single")
-    ddp = tmp_path_factory.mktemp("ddp")
-    _run(single, 1, 40)
-    _run(ddp, 2, 20)
-    return single, ddp
-
-
-def assert_close(got, want, rtol=1e-6):
-    """Relative to the largest magnitude (scores near 0 are compared in absolute terms)."""
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+runs = single_and_ddp_runs(_run)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_ddp_self_influence_and_top_k_equal_single_process(runs, name):
     single, ddp = (r / name for r in runs)
-    a = read_csv(single / "self_influence.csv")
-    b = read_csv(ddp / "self_influence.csv")
-    assert len(b["index"]) == N
-    np.testing.assert_array_equal(a["index"], np.arange(N))
-    np.testing.assert_array_equal(b["index"], np.arange(N))
-    # labels of both ranks' samples reach the file rank 0 writes
-    np.testing.assert_array_equal(b["label"], make_data(N)[1].numpy())
-    np.testing.assert_array_equal(a["label"], b["label"])
-    assert (a["self_influence"] > 0).all()
-    assert_close(b["self_influence"], a["self_influence"])
+    a, b, ta, tb = assert_same_attribution_files(single, ddp, N, RTOL)
     np.testing.assert_array_equal(a["rank"], b["rank"])
-
-    ta, tb = read_csv(single / "top_k.csv"), read_csv(ddp / "top_k.csv")
     assert len(tb["query"]) == N_QUERY * TOP_K
-    for key in ("query", "rank", "proponent", "opponent"):
-        np.testing.assert_array_equal(ta[key], tb[key], err_msg=key)
     for key in ("proponent_score", "opponent_score"):
-        assert_close(tb[key], ta[key])
+        assert_close_rel(tb[key], ta[key], RTOL)
 
     ca = json.loads((single / "config.json").read_text())
     cb = json.loads((ddp / "config.json").read_text())
@@ -151,9 +100,9 @@ def test_ddp_gradient_store_equals_single_process(runs, name):
     assert a["state"]["steps"] == b["state"]["steps"] == [3, 6, 9]
     for c in range(3):
         assert bool(b["state"]["seen"][c].all())
-        assert_close(b["state"]["grads"][c], a["state"]["grads"][c])
+        assert_close_rel(b["state"]["grads"][c], a["state"]["grads"][c], RTOL)
         assert b["query_grads"][c].shape == a["query_grads"][c].shape
-        assert_close(b["query_grads"][c], a["query_grads"][c])
+        assert_close_rel(b["query_grads"][c], a["query_grads"][c], RTOL)
     # all n_query x N scores, recomputed from the stores
     lay = a["state"]["layout"]  # exact rows are factored per layer, projected rows are not
     assert (lay is None) == (name == "ckpt_proj") and b["state"]["layout"] == lay
@@ -166,7 +115,7 @@ def test_ddp_gradient_store_equals_single_process(runs, name):
         for c, lr in enumerate(b["state"]["lrs"])
     )
     assert sa.shape == (N_QUERY, N)
-    assert_close(sb, sa)
+    assert_close_rel(sb, sa, RTOL)
     # and the self-influence in the csv is sum_c ||g_c||^2 of the stored rows
     want = sum(row_sq_norm(g.double(), lay) for g in a["state"]["grads"])
-    assert_close(read_csv(ddp / "self_influence.csv")["self_influence"], want)
+    assert_close_rel(read_csv(ddp / "self_influence.csv")["self_influence"], want, RTOL)

@@ -19,26 +19,16 @@ from lightning_memo.influence.hessian import (
     solve_damped,
     unflatten,
 )
+from tests.helpers import mlp, mse_loss
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def mse_loss(model, batch):
-    return ((model(batch[0]) - batch[1]) ** 2).sum(dim=1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    model = mlp()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(30, 4, generator=g, dtype=DT)
     y = torch.randn(30, 3, generator=g, dtype=DT)

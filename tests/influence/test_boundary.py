@@ -16,12 +16,7 @@ DT = torch.float64
 FIRST = {"input_fn": lambda b: b[0]}  # the fit context: inputs are the batch's first element
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_setup(d=5, c=4, n=48, seed=0):

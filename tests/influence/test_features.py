@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_memo.influence import (
@@ -16,12 +15,11 @@ from lightning_memo.influence import (
     tracin_self_influence,
 )
 from lightning_memo.influence.features import GradientFeaturizer
+from tests.helpers import TinyCNN, ce_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DT = torch.float64
-
-
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
 def setup(n=9, seed=0):
@@ -119,19 +117,9 @@ def test_factored_store_refuses_sequence_inputs():
     assert flat.shape == (3, 2 * 5)
 
 
-class TinyCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
-        self.fc = nn.Linear(3 * 3 * 3, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
-
-
 def cnn_setup():
     torch.manual_seed(0)
-    model = TinyCNN().to(DT)
+    model = TinyCNN(nn.Conv2d(2, 3, 3, stride=2, padding=1), hw=5, classes=4).to(DT)
     g = torch.Generator().manual_seed(3)
     batch = (torch.randn(6, 2, 5, 5, generator=g, dtype=DT), torch.randint(0, 4, (6,), generator=g))
     return model, {"conv": model.conv, "fc": model.fc}, batch

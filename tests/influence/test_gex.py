@@ -19,24 +19,16 @@ from lightning_memo.influence.methods import (
     query_matrix,
     train_pass,
 )
+from tests.helpers import ce_loss, mlp
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sq_loss(model, batch):
     return (model(batch[0]) - batch[1]).square().reshape(-1)
-
-
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
 def regression(n=48, d=4, seed=0):
@@ -57,8 +49,7 @@ def regression(n=48, d=4, seed=0):
 
 
 def classifier(seed=0, n=40):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    model = mlp((3, 8, 3), seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(n, 3, generator=g, dtype=DT)
     y = torch.randint(0, 3, (n,), generator=g)

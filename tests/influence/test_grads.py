@@ -14,21 +14,13 @@ from lightning_memo.influence import (
     select_parameters,
 )
 from lightning_memo.influence.features import GradientFeaturizer
+from tests import helpers
+from tests.helpers import ce_loss, loop_grads
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seq_loss(model, batch):
@@ -38,22 +30,8 @@ def seq_loss(model, batch):
     return tok.sum(dim=1)
 
 
-def loop_grads(model, params, loss_fn, batch, n):
-    """Oracle: {name: (n, *shape)} from n single-sample backward passes."""
-    out = {k: [] for k in params}
-    for i in range(n):
-        sample = tuple(t[i : i + 1] for t in batch)
-        model.zero_grad()
-        loss_fn(model, sample).sum().backward()
-        for k, p in params.items():
-            out[k].append(p.grad.detach().clone())
-    model.zero_grad()
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    return helpers.mlp((5, 7, 3), seed)
 
 
 def mlp_batch(n=6, seed=1):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_memo.influence.grads import (
@@ -15,47 +14,12 @@ from lightning_memo.influence.grads import (
     layer_output_grad_rows,
     linear_grads_from_io,
 )
+from tests.helpers import TinyCNN, ce_loss, loop_grads
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class TinyCNN(nn.Module):
-    """Conv2d -> ReLU -> flatten -> Linear."""
-
-    def __init__(self, conv: nn.Conv2d, hw: int = 7, classes: int = 3) -> None:
-        super().__init__()
-        self.conv = conv
-        with torch.no_grad():
-            flat = conv(torch.zeros(1, conv.in_channels, hw, hw)).numel()
-        self.fc = nn.Linear(flat, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
-
-
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
-
-
-def loop_grads(model, batch, n):
-    """Oracle: {param name: (n, *shape)} from n single-sample backward passes."""
-    params = dict(model.named_parameters())
-    out = {k: [] for k in params}
-    for i in range(n):
-        model.zero_grad()
-        ce_loss(model, (batch[0][i : i + 1], batch[1][i : i + 1])).sum().backward()
-        for k, p in params.items():
-            out[k].append(p.grad.detach().clone())
-    model.zero_grad()
-    return {k: torch.stack(v) for k, v in out.items()}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CONVS = {
@@ -85,7 +49,7 @@ def test_conv_hooks_equal_single_sample_loop(case, bias):
             m: linear_grads_from_io(cap.inputs[m], cap.grads[m], bias or m == "fc") for m in modules
         }
         a, gr = cap.inputs["conv"], cap.grads["conv"]
-    want = loop_grads(model, batch, n)
+    want = loop_grads(model, dict(model.named_parameters()), ce_loss, batch, n)
     c_out, d_in, has_bias = layer_dims(model.conv)
     assert (c_out, has_bias) == (4, bias) and d_in == 2 * model.conv.kernel_size[
         0

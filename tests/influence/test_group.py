@@ -18,12 +18,7 @@ N, D, NQ, LAM = 60, 4, 6, 0.2
 SIZES = (3, 3, 3, 3, 10, 10, 10, 20, 20, 20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loss_fn(model, batch):

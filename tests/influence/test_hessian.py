@@ -21,30 +21,12 @@ from lightning_memo.influence.hessian import (
     solve_damped,
     unflatten,
 )
+from tests.helpers import ce_loss, mlp, mse_loss
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
-
-
-def mse_loss(model, batch):
-    return ((model(batch[0]) - batch[1]) ** 2).sum(dim=1)
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=30, seed=1, regression=False):

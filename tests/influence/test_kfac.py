@@ -12,33 +12,22 @@ from torch import nn
 
 from lightning_memo.influence.grads import LinearGradCapture, linear_grads_from_io
 from lightning_memo.influence.kfac import KFAC, check_kfac_modules, fit_kfac, with_bias_column
+from tests import helpers
+from tests.helpers import TinyCNN, ce_loss
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- helpers
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
-
-
 def logits_fn(model, batch):
     return model(batch[0])
 
 
 def mlp(sizes=(5, 7, 3), seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.Tanh()]
-    return nn.Sequential(*layers[:-1]).to(DT)
+    return helpers.mlp(sizes, seed)
 
 
 def linear_modules(model):
@@ -119,19 +108,9 @@ def explicit_patches(x, conv):
 
 
 # --------------------------------------------------------------------------- covariances
-class TinyCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2)
-        self.fc = nn.Linear(3 * 2 * 2, 4, bias=False)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
-
-
 def test_covariance_sums_equal_brute_force_conv_and_linear():
     torch.manual_seed(0)
-    model = TinyCNN().to(DT)
+    model = TinyCNN(nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2), 5, 4, False).to(DT)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(6, 2, 5, 5, generator=g, dtype=DT)
     y = torch.randint(0, 4, (6,), generator=g)

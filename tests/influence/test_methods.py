@@ -15,25 +15,16 @@ from lightning_memo.influence.methods import (
     train_pass,
 )
 from lightning_memo.influence.registry import make_method
+from tests.helpers import ce_loss, mlp
 
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup(n=24, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    model = mlp(seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(n, 4, generator=g, dtype=DT)
     y = torch.randint(0, 3, (n,), generator=g)

@@ -11,6 +11,8 @@ from torch import nn
 from lightning_memo.influence.last_layer import find_output_linear
 from lightning_memo.influence.methods import RepresenterPoints, query_matrix, train_pass
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N, D_IN, HID, C = 60, 5, 8, 3
 
 
