@@ -5,12 +5,13 @@ default key ``"index"`` of a dict batch, else the last element of a tuple batch 
 elements (``(inputs, labels)`` has none); labels default to
 key ``"label"`` (or ``"labels"``) / the second element; inputs to key ``"input"`` (or ``"x"``,
 ``"input_ids"``, ``"pixel_values"``) / the first element. Each is overridable by a key, a tuple
-position or a callable ``batch -> tensor``.
+position or a callable ``batch -> tensor``. ``make_describer`` gives the text shown for a dataset
+item in the callbacks' tables (a ``describe`` callable, or the item's ``"text"`` field).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch.utils.data import Dataset, IterableDataset
@@ -21,6 +22,8 @@ __all__ = [
     "IndexedDataset",
     "Accessor",
     "make_accessor",
+    "Describe",
+    "make_describer",
     "get_indices",
     "get_labels",
 ]
@@ -120,6 +123,46 @@ def make_accessor(spec: Accessor, kind: str) -> Callable[[Any], Any]:
     raise TypeError(
         f"{kind}_key={spec!r}: use a dict key (str), a tuple position (int) or a callable."
     )
+
+
+Describe = Optional[Callable[[Any], str]]
+
+
+class _TextField:
+    """``item -> item[key]`` when the item is a dict holding a string there, else ``None``
+    (picklable for ddp_spawn)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __call__(self, item: Any) -> Optional[str]:
+        if isinstance(item, Mapping):
+            value = item.get(self.key)
+            if isinstance(value, str):
+                return value
+        return None
+
+
+def make_describer(
+    describe: Describe = None, text_key: Optional[str] = "text"
+) -> Callable[[Any], Optional[str]]:
+    """Build ``dataset item -> text or None``: the text a callback shows beside a sample.
+
+    Args:
+        describe: ``item -> str`` (e.g. decoding token ids); wins when given.
+        text_key: otherwise the string under this key of a dict item (``None``: no text).
+    """
+    if describe is not None:
+        if not callable(describe):
+            raise TypeError(f"describe={describe!r}: pass a callable dataset item -> str, or None.")
+        return describe
+    if text_key is not None and not isinstance(text_key, str):
+        raise TypeError(f"text_key={text_key!r}: pass a dict key (str) or None.")
+    return _TextField(text_key) if text_key is not None else _no_text
+
+
+def _no_text(item: Any) -> None:
+    return None
 
 
 def _describe(batch: Any) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from ..data import make_describer
 from ..distributed import world_size
 
 __all__ = [
@@ -20,6 +22,11 @@ __all__ = [
     "module_per_sample_loss",
     "default_layers",
     "dataset_size",
+    "sample_texts",
+    "markdown_cell",
+    "samples_describe",
+    "show_progress",
+    "batch_mask",
 ]
 
 
@@ -28,14 +35,25 @@ NON_INPUT_KEYS = ("index", "label", "labels", "y")
 
 def default_forward(module: LightningModule, batch: Any, skip_keys: Sequence[Any] = ()) -> Any:
     """Forward pass of an extra no-grad pass: ``module(batch[0])`` for tuple batches,
-    ``module(**inputs)`` for dict batches without ``NON_INPUT_KEYS`` and the string entries of
-    ``skip_keys`` (e.g. the callback's index, label or concept keys)."""
+    ``module(**inputs)`` for dict batches without ``NON_INPUT_KEYS``, the string entries of
+    ``skip_keys`` (e.g. the callback's index, label or concept keys) and text fields (a string or
+    a list of strings, e.g. the ``"text"`` a tokenizing collate keeps): a Hugging Face style
+    ``forward(input_ids, attention_mask)`` gets its inputs and the attention mask."""
     if isinstance(batch, dict):
         skip = set(NON_INPUT_KEYS) | {k for k in skip_keys if isinstance(k, str)}
-        return module(**{k: v for k, v in batch.items() if k not in skip})
+        return module(**{k: v for k, v in batch.items() if k not in skip and not _is_text(v)})
     if isinstance(batch, (tuple, list)):
         return module(batch[0])
     return module(batch)
+
+
+def _is_text(value: Any) -> bool:
+    """A string, or a non-empty list / tuple of strings."""
+    if isinstance(value, str):
+        return True
+    return (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
+    )
 
 
 def checked_forward(
@@ -128,9 +146,10 @@ def default_layers(model: nn.Module, kinds: Tuple[type, ...]) -> Dict[str, nn.Mo
         if isinstance(m, kinds) and any(p.requires_grad for p in m.parameters(recurse=False))
     }
     if not mods:
+        kinds_text = " / ".join("nn." + k.__name__ for k in kinds)
         raise ValueError(
-            f"The model has no trainable {' / '.join('nn.' + k.__name__ for k in kinds)} layer; pass "
-            "layers= naming layers with trainable parameters."
+            f"The model has no trainable {kinds_text} layer; pass layers= naming layers with "
+            "trainable parameters."
         )
     return mods
 
@@ -165,3 +184,46 @@ def batch_mask(batch: Any, mask_key: Optional[str]) -> Any:
     if isinstance(batch, dict) and mask_key and mask_key in batch:
         return batch[mask_key]
     return None
+
+
+def sample_texts(
+    describer: Callable[[Any], Optional[str]], items: Sequence[Any], who: str
+) -> List[Optional[str]]:
+    """``describer(item)`` of each dataset item (``None``: no text). A ``describe`` that raises
+    is reported once per call and gives no texts, so a table never stops training."""
+    out: List[Optional[str]] = []
+    for item in items:
+        try:
+            text = describer(item)
+        except Exception as err:  # a user callable: any error
+            rank_zero_warn(
+                f"{who}: describe= failed on a dataset item ({type(err).__name__}: {err}); the "
+                "sample tables show no text. Fix describe= (dataset item -> str)."
+            )
+            return [None] * len(items)
+        out.append(None if text is None else str(text))
+    return out
+
+
+def markdown_cell(text: Optional[str], max_chars: int = 200) -> str:
+    """A text as one cell of a markdown table: one line, ``|`` escaped, at most ``max_chars``."""
+    if text is None:
+        return ""
+    one = " ".join(str(text).split())
+    if len(one) > max_chars:
+        one = one[: max_chars - 1] + "…"
+    return one.replace("|", "\\|")
+
+
+def samples_describe(
+    describe: Optional[Callable[[Any], str]], text_key: Optional[str]
+) -> Optional[Callable[[Any], str]]:
+    """The ``describe`` given to :func:`~lightning_memo.callbacks.reports.write_samples`: the
+    user's, or the ``text_key`` field when it is not the ``"text"`` that ``write_samples`` reads
+    by itself (``None``: its defaults)."""
+    if describe is not None:
+        return describe
+    if text_key is None or text_key == "text":
+        return None
+    field = make_describer(None, text_key)
+    return lambda item: field(item) or ""

@@ -7,6 +7,7 @@ formulas live in :mod:`lightning_memo.leace`.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -17,12 +18,21 @@ from torch import nn
 from ..capture import (
     POOLINGS,
     LayerSpec,
+    OutputKey,
+    PoolingSpec,
     add_forward_hook,
+    add_input_hook,
+    check_pooling,
     extra_pass,
+    is_input_layer,
+    layer_pooling,
     layers_key,
     pool,
+    pooling_config,
     recording_allowed,
+    replace_output,
     resolve_layers,
+    select_output,
 )
 from ..data import Accessor, make_accessor
 from ..distributed import gather_rows, gather_stats, world_size
@@ -51,8 +61,16 @@ class ConceptErasure(Callback):
     installs it as a forward hook that replaces the layer output by its erased version during
     training, validation, test and predict, so no linear classifier recovers the concept from it.
 
+    Hugging Face models: ``layers="encoder.layer.*"`` finds the blocks of a wrapped model (also
+    under PEFT's ``base_model.model.``), tuple / ``ModelOutput`` outputs are erased at their
+    hidden states (``output_key=``) and put back in place, ``"classifier:input"`` erases what a
+    layer receives, and ``pooling`` may differ per layer.
+
     Args:
-        layers: layer names (globs allowed) or modules.
+        layers: layer names (globs allowed: ``*`` within one dotted segment, ``**`` across; a
+            name may be the dotted ending of the full name) or modules; ``"<name>:input"``
+            erases the layer's input (a forward pre-hook on its first argument) instead of its
+            output.
         concept: how to read the concept from a batch (dict key, tuple position or callable);
             default: the label (read with ``label_key``). Integer ``(B,)`` = classes; float
             ``(B, k)`` = one-hot or continuous (``z_dim=k``); a float ``(B,)`` needs ``z_dim=1``.
@@ -65,10 +83,15 @@ class ConceptErasure(Callback):
         pooling: which positions of a ``(B, T, d)`` output are used to fit: ``"all"`` (every real
             token, mask-aware), or ``"mean"``, ``"last"``, ``"first"``, a callable (one row per
             sample). Erasure is applied to every position. ``(B, C, H, W)`` maps are erased over
-            channels at every pixel.
+            channels at every pixel. A dict gives each layer its own (``{"encoder.layer.1":
+            "first"}``, keys as in ``layers``; layers without a key use ``"all"``).
         method: ``"leace"`` or ``"orth"``.
         shrinkage, constrain_cov_trace, svd_tol: see :class:`~lightning_memo.LeaceFitter`.
-        output_index: element of a tuple output to erase (e.g. 0 for HF blocks).
+        output_key: which part of a layer output that is a tuple or a ``ModelOutput`` is erased:
+            ``None`` (default) the hidden states (``last_hidden_state``, else the first tensor),
+            an int position or a str key; the other parts are passed on unchanged. Tensor
+            outputs are erased as they are.
+        output_index: deprecated name of ``output_key`` (a ``DeprecationWarning``).
         sequential: fit layers one after another, each with the layers before it already erased
             (one pass per layer), so every layer's guarantee holds in the erased network.
         max_batches: limit the batches of each fitting pass.
@@ -94,12 +117,12 @@ class ConceptErasure(Callback):
         z_dim: Optional[int] = None,
         fit_on: Union[str, Any] = "train",
         when: str = "fit_start",
-        pooling: Union[str, Callable] = "all",
+        pooling: PoolingSpec = "all",
         method: str = "leace",
         shrinkage: bool = True,
         constrain_cov_trace: bool = True,
         svd_tol: float = 0.01,
-        output_index: Optional[int] = None,
+        output_key: OutputKey = None,
         sequential: bool = True,
         max_batches: Optional[int] = None,
         index_key: Accessor = None,
@@ -111,15 +134,27 @@ class ConceptErasure(Callback):
         probe_samples: int = 4096,
         output_dir: Optional[str] = None,
         progress: Optional[bool] = None,
+        output_index: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if output_index is not None:
+            if output_key is not None:
+                raise ValueError(
+                    f"output_index={output_index!r} and output_key={output_key!r}: pass "
+                    "output_key= only (output_index= is its deprecated name)."
+                )
+            warnings.warn(
+                "ConceptErasure(output_index=) is deprecated and will be removed in the next "
+                "release: pass output_key= (an int position or a str key of the layer output).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            output_key = output_index
+        if output_key is not None and not isinstance(output_key, (int, str)):
+            raise TypeError(f"output_key={output_key!r}: use an int position, a str key or None.")
         if when not in WHEN:
             raise ValueError(f"when={when!r}: use one of {', '.join(WHEN)}.")
-        if not (callable(pooling) or pooling in FIT_POOLINGS):
-            raise ValueError(
-                f"pooling={pooling!r} is not supported; use one of {', '.join(FIT_POOLINGS)} or "
-                "a callable."
-            )
+        pooling = check_pooling(pooling, FIT_POOLINGS)
         if method not in ("leace", "orth"):
             raise ValueError(f"method={method!r}: use 'leace' or 'orth'.")
         if fit_on != "train" if isinstance(fit_on, str) else not hasattr(fit_on, "__iter__"):
@@ -133,7 +168,7 @@ class ConceptErasure(Callback):
         self.layers, self.z_dim, self.fit_on, self.when = layers, z_dim, fit_on, when
         self.pooling, self.method, self.shrinkage = pooling, method, shrinkage
         self.constrain_cov_trace, self.svd_tol = constrain_cov_trace, svd_tol
-        self.output_index, self.sequential, self.max_batches = output_index, sequential, max_batches
+        self.output_key, self.sequential, self.max_batches = output_key, sequential, max_batches
         self.mask_key, self.forward_fn = mask_key, forward_fn
         self.concept = concept
         self.index_key, self.label_key, self.input_key = index_key, label_key, input_key
@@ -146,6 +181,7 @@ class ConceptErasure(Callback):
         self.history: List[Dict[str, Any]] = []
         # run-time
         self.modules: Dict[str, nn.Module] = {}
+        self.poolings: Dict[str, Any] = {}
         self.out_dir: Optional[str] = None
         self._handles: List[Any] = []
         self._collect: Dict[str, LeaceFitter] = {}
@@ -200,7 +236,7 @@ class ConceptErasure(Callback):
     # ------------------------------------------------------------------ hooks on the model
     def install(self, model: nn.Module) -> ConceptErasure:
         """Register the erasure hooks on ``model`` (idempotent); erasers apply once fitted."""
-        modules = resolve_layers(model, self.layers)
+        modules = self._resolve(model)
         if self._handles and modules.keys() == self.modules.keys():
             if all(m is self.modules[n] for n, m in modules.items()):
                 return self  # already installed on this model
@@ -208,8 +244,23 @@ class ConceptErasure(Callback):
         self.modules = modules
         if not self._handles:
             for name, module in self.modules.items():
-                self._handles.append(add_forward_hook(module, self._make_hook(name), "modify"))
+                if is_input_layer(name):
+                    handle = add_input_hook(module, self._make_input_hook(name), "modify")
+                else:
+                    handle = add_forward_hook(module, self._make_hook(name), "modify")
+                self._handles.append(handle)
         return self
+
+    def _resolve(self, model: nn.Module) -> Dict[str, nn.Module]:
+        """The erased layers of ``model`` and their fitting pooling."""
+        modules = resolve_layers(model, self.layers, inputs=True)
+        self.poolings = layer_pooling(self.pooling, list(modules), default="all")
+        return modules
+
+    @property
+    def output_index(self) -> OutputKey:
+        """Deprecated name of :attr:`output_key`."""
+        return self.output_key
 
     def remove(self) -> None:
         """Remove every hook: the layers return their original outputs again."""
@@ -219,45 +270,44 @@ class ConceptErasure(Callback):
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
-            out = self._select(name, output)
-            feats, back = _channels_last(out)
-            if name in self._collect and self._z is not None and recording_allowed(self):
-                with torch.no_grad():
-                    rows, z = self._fit_rows(name, feats.detach(), self._z, self._mask)
-                    fitter = self._collect[name]
-                    if fitter is None:
-                        fitter = self._collect[name] = self._new_fitter(rows.shape[1], z)
-                    fitter.update(rows, z)
-                    self._keep_probe_rows(name, rows, z)
-            eraser = self.erasers.get(name)
-            if eraser is None:
-                return None
-            if eraser.dim != feats.shape[-1]:
-                raise ValueError(
-                    f"The eraser of layer {name!r} was fitted on {eraser.dim} features but the "
-                    f"layer now outputs {feats.shape[-1]} (shape {tuple(out.shape)}); refit it or "
-                    "load erasers fitted on this model."
-                )
-            erased = back(eraser(feats))
-            return _replace(output, erased, self.output_index)
+            erased = self._process(name, select_output(output, self.output_key, name))
+            return None if erased is None else replace_output(output, erased, self.output_key)
 
         return hook
 
-    def _select(self, name: str, output: Any) -> torch.Tensor:
-        if isinstance(output, torch.Tensor):
-            return output
-        if isinstance(output, (tuple, list)):
-            if self.output_index is None:
-                raise ValueError(
-                    f"Layer {name!r} returns a {type(output).__name__} of {len(output)} elements; "
-                    "pass output_index= to choose the tensor to erase (e.g. 0 for the hidden "
-                    "states of a transformer block)."
+    def _make_input_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(
+                    f"Layer {name!r} received no tensor input (first positional argument or "
+                    "tensor keyword argument) to erase; name another layer."
                 )
-            return output[self.output_index]
-        raise TypeError(
-            f"Layer {name!r} returns {type(output).__name__}; ConceptErasure erases tensors (or "
-            "one element of a tuple with output_index=)."
-        )
+            return self._process(name, x)
+
+        return hook
+
+    def _process(self, name: str, out: torch.Tensor) -> Optional[torch.Tensor]:
+        """Record fitting statistics of one layer's tensor and return it erased (``None``: no
+        eraser yet, the tensor is left as it is)."""
+        feats, back = _channels_last(out)
+        if name in self._collect and self._z is not None and recording_allowed(self):
+            with torch.no_grad():
+                rows, z = self._fit_rows(name, feats.detach(), self._z, self._mask)
+                fitter = self._collect[name]
+                if fitter is None:
+                    fitter = self._collect[name] = self._new_fitter(rows.shape[1], z)
+                fitter.update(rows, z)
+                self._keep_probe_rows(name, rows, z)
+        eraser = self.erasers.get(name)
+        if eraser is None:
+            return None
+        if eraser.dim != feats.shape[-1]:
+            raise ValueError(
+                f"The eraser of layer {name!r} was fitted on {eraser.dim} features but the "
+                f"layer now outputs {feats.shape[-1]} (shape {tuple(out.shape)}); refit it or "
+                "load erasers fitted on this model."
+            )
+        return back(eraser(feats))
 
     def _fit_rows(
         self, name: str, feats: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor]
@@ -269,9 +319,10 @@ class ConceptErasure(Callback):
                 f"The concept has {z.shape[0]} rows but layer {name!r} saw a batch of {b}; "
                 "concept= must give one value per sample."
             )
+        how = self.poolings.get(name, "all")
         if feats.ndim == 2:
             rows, zr = feats, z
-        elif self.pooling == "all":
+        elif how == "all":
             seq = feats.reshape(b, -1, feats.shape[-1])
             keep = torch.ones(seq.shape[:2], dtype=torch.bool, device=seq.device)
             if mask is not None and mask.shape == keep.shape:
@@ -280,7 +331,7 @@ class ConceptErasure(Callback):
             zr = z.to(seq.device).repeat_interleave(keep.sum(dim=1), dim=0)
         else:  # one row per sample; conv maps arrive channels-last as (B, H, W, C)
             seq = feats.reshape(b, -1, feats.shape[-1]) if feats.ndim == 4 else feats
-            rows, zr = pool(seq, self.pooling, mask), z
+            rows, zr = pool(seq, how, mask), z
         if not torch.isfinite(rows).all():
             bad = int((~torch.isfinite(rows).all(dim=1)).sum())
             raise ValueError(
@@ -300,7 +351,7 @@ class ConceptErasure(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.modules = resolve_layers(pl_module, self.layers)
+        self.modules = self._resolve(pl_module)
         self.out_dir = resolve_output_dir(trainer, self.output_dir, "erasure", self)
         if stage == "fit":
             check_writable(trainer, self.out_dir, "ConceptErasure")
@@ -581,13 +632,13 @@ class ConceptErasure(Callback):
             "layers": list(self.modules),
             "when": self.when,
             "method": self.method,
-            "pooling": self.pooling if isinstance(self.pooling, str) else repr(self.pooling),
+            "pooling": pooling_config(self.pooling, self.poolings),
             "z_dim": self.z_dim,
             "shrinkage": self.shrinkage,
             "constrain_cov_trace": self.constrain_cov_trace,
             "svd_tol": self.svd_tol,
             "sequential": self.sequential,
-            "output_index": self.output_index,
+            "output_key": self.output_key,
         }
 
 
@@ -598,14 +649,3 @@ def _channels_last(
     if out.ndim == 4:
         return out.permute(0, 2, 3, 1), lambda t: t.permute(0, 3, 1, 2)
     return out, lambda t: t
-
-
-def _replace(output: Any, new: torch.Tensor, index: Optional[int]) -> Any:
-    """The module output with the erased tensor put back in its place."""
-    if isinstance(output, torch.Tensor):
-        return new
-    items = list(output)
-    items[index] = new
-    if hasattr(output, "_fields"):  # namedtuple
-        return type(output)(*items)
-    return tuple(items) if isinstance(output, tuple) else items

@@ -43,6 +43,7 @@ from ..io import atomic_torch_save, check_writable, resolve_output_dir
 from .common import (
     RankShard,
     batch_mask,
+    default_forward,
     default_layers,
     module_per_sample_loss,
     sequential_loader,
@@ -69,8 +70,10 @@ class InfluenceAnalysis(Callback):
             ``"boundary"`` (self-influence only) or ``"gex"``.
         layers: layer names / globs / modules whose parameters are differentiated (default: every
             trainable ``nn.Linear``, plus ``nn.Conv2d`` for K-FAC / EK-FAC and randproj).
-        parameters: parameter names or globs (e.g. ``["net.4.*"]``) to differentiate instead of
-            whole layers (K-FAC / EK-FAC need every parameter of the layers they touch).
+        parameters: parameter names or globs (e.g. ``["net.4.*"]``; ``fnmatch`` globs whose ``*``
+            crosses dots, so ``"*lora_*"`` selects the LoRA matrices of a PEFT model) to
+            differentiate instead of whole layers (K-FAC / EK-FAC need every parameter of the
+            layers they touch: LoRA A / B are whole bias-free ``nn.Linear`` layers).
         train: training DataLoader to score (default: the Trainer's, read sequentially).
         queries: query DataLoader with labels (default: the Trainer's validation loader, if any).
         hessian_data: DataLoader for the curvature (default: the first ``max_examples`` training
@@ -82,7 +85,8 @@ class InfluenceAnalysis(Callback):
         top_k: proponents / opponents kept per query (``top_k.csv``, :meth:`top_k_for`).
         loss_fn: ``(module, batch) -> (B,)``; default ``module.per_sample_loss(batch)``.
         output_fn: ``(module, batch) -> logits (B, C)`` for the true Fisher; default
-            ``module(inputs)`` with the input accessor.
+            ``module(inputs)`` with the input accessor, or ``module(**batch)`` without the index /
+            label keys for a dict batch with an attention mask (``mask_key``).
         index_key, label_key, input_key: batch accessors (see ``lightning_memo.data``);
             ``label_key`` also reads the query batches.
         mask_key: dict key of the padding mask of token batches (K-FAC statistics per token).
@@ -417,7 +421,14 @@ class InfluenceAnalysis(Callback):
         return est
 
     def _default_output(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return model(self._get_input(batch))
+        """Logits for the true Fisher: ``module(**inputs)`` for a dict batch with an attention
+        mask (a Hugging Face style forward; index / label keys left out), else
+        ``module(input)``; the ``logits`` of a ``ModelOutput``."""
+        if self._mask(batch) is not None:
+            out = default_forward(model, batch, [self.index_key, self.label_key])
+        else:
+            out = model(self._get_input(batch))
+        return out if isinstance(out, torch.Tensor) else getattr(out, "logits", out)
 
     def _mask(self, batch: Any) -> Optional[torch.Tensor]:
         """The padding mask of a dict batch (``mask_key``), for token-level statistics."""

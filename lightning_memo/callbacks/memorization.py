@@ -18,14 +18,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ..capture import (
     FeatureCapture,
     LayerSpec,
-    Pooling,
+    OutputKey,
+    PoolingSpec,
     add_forward_hook,
     check_pooling,
     extra_pass,
     layers_key,
+    match_names,
+    pooling_config,
     recording_allowed,
 )
-from ..data import Accessor, get_indices, get_labels, make_accessor
+from ..data import Accessor, Describe, get_indices, get_labels, make_accessor, make_describer
 from ..distributed import gather_rows, world_size
 from ..io import (
     atomic_write_csv,
@@ -43,10 +46,14 @@ from .common import (
     checked_forward,
     dataset_size,
     default_forward,
+    markdown_cell,
     resumed_output_dir,
+    sample_texts,
+    samples_describe,
     sequential_loader,
     show_progress,
 )
+from .reports import write_samples
 
 __all__ = ["MemorizationMonitor"]
 
@@ -65,24 +72,46 @@ class MemorizationMonitor(Callback):
     Results after ``fit``: :meth:`scores_at` (an epoch's ``(N,)`` PSMI on one layer),
     :attr:`epochs`, :attr:`flagged`, :attr:`labels` / :attr:`labels_seen`, ``history``.
 
+    Hugging Face models: ``layers="encoder.layer.*"`` finds the blocks of a wrapped model
+    (``model.bert.encoder.layer.0``, ...; under PEFT ``base_model.model.bert...``), block outputs
+    that are tuples or ``ModelOutput`` s are read at their hidden states (``output_key=``),
+    ``"classifier:input"`` scores what the head receives, ``pooling`` may differ per layer, and
+    the tables show each sample's text (``describe=``).
+
     Args:
-        layers: layer names (globs allowed) or modules whose outputs are scored.
+        layers: layer names (globs allowed: ``*`` within one dotted segment, ``**`` across;
+            a name may be the dotted ending of the full name) or modules whose outputs are
+            scored; ``"<name>:input"`` scores the layer's input instead (e.g.
+            ``"classifier:input"``).
         every_n_epochs: evaluate every n-th epoch (epochs n-1, 2n-1, ...).
         source: ``"train"`` (features of the training forward passes; no extra pass) or ``"eval"``
             (a no-grad pass over the training set in eval mode at the end of the epoch).
         pooling: how a layer output ``(B, ..., d)`` becomes ``(B, d)``: ``"mean"`` (mask-aware),
-            ``"last"``, ``"first"``, ``"flatten"`` or a callable.
+            ``"last"`` (last non-padding token, left or right padding), ``"first"`` (first
+            non-padding token: CLS), ``"flatten"`` or a callable; or a dict per layer
+            (``{"encoder.layer.1": "first", "classifier:input": "mean"}``, keys as in ``layers``;
+            layers without a key use ``"mean"``).
+        output_key: which part of a layer output that is a tuple or a ``ModelOutput`` is scored:
+            ``None`` (default) the hidden states (``last_hidden_state``, else the first tensor),
+            an int position or a str key (``"pooler_output"``). Tensor outputs are used as they
+            are.
         n_estimators: PSMI directions (``"auto"`` allowed).
         seed: seed of the PSMI directions (combined with the epoch and layer).
         index_key, label_key: how to read indices and labels from a batch (dict key, tuple
             position or callable); defaults in :mod:`lightning_memo.data`.
         input_key: how to read the input from a dataset item, for the image grid.
-        mask_key: dict key of the attention mask used by pooling (ignored when absent).
+        mask_key: dict key of the attention mask used by pooling (ignored when absent); the
+            ``"eval"`` pass calls ``module(**batch)`` with it (without index / label / text keys).
         warn_below: PSMI threshold of the early warning (0: less information than chance).
         patience: consecutive evaluations below ``warn_below`` before a sample is flagged.
         on_flag: called on every rank with the newly flagged indices ``(k,)`` (numpy).
         stop_on_flag: stop training (all ranks together) when samples get flagged.
-        n_show: number of lowest-PSMI inputs shown in TensorBoard (0: none).
+        n_show: number of lowest-PSMI inputs shown in TensorBoard and recorded for the report
+            (``samples.json``) each evaluated epoch (0: none).
+        describe: ``dataset item -> str``: the text shown beside a sample in the lowest-PSMI
+            table, ``flagged.csv`` (column ``text``) and ``samples.json``; default: the item's
+            ``text_key`` field when items are dicts holding a string there.
+        text_key: the dict key of an item's text used when ``describe`` is ``None``.
         top_k: deprecated name of ``n_show`` (a ``DeprecationWarning``; removed in the next
             release).
         flag_layer: layer whose PSMI drives the warning (default: the last resolved layer).
@@ -103,7 +132,8 @@ class MemorizationMonitor(Callback):
         *,
         every_n_epochs: int = 1,
         source: str = "train",
-        pooling: Pooling = "mean",
+        pooling: PoolingSpec = "mean",
+        output_key: OutputKey = None,
         n_estimators: Any = 2000,
         seed: int = 0,
         index_key: Accessor = None,
@@ -115,6 +145,8 @@ class MemorizationMonitor(Callback):
         on_flag: Optional[Callable[[np.ndarray], None]] = None,
         stop_on_flag: bool = False,
         n_show: int = 16,
+        describe: Describe = None,
+        text_key: Optional[str] = "text",
         flag_layer: Optional[str] = None,
         output_dir: Optional[str] = None,
         image_shape: Optional[Sequence[int]] = None,
@@ -162,6 +194,9 @@ class MemorizationMonitor(Callback):
         self.every_n_epochs = every_n_epochs
         self.source = source
         self.pooling = check_pooling(pooling)
+        if output_key is not None and not isinstance(output_key, (int, str)):
+            raise TypeError(f"output_key={output_key!r}: use an int position, a str key or None.")
+        self.output_key = output_key
         self.n_estimators = n_estimators
         self.seed = int(seed)
         self.psmi_kwargs = dict(psmi_kwargs or {})
@@ -183,6 +218,8 @@ class MemorizationMonitor(Callback):
         self.on_flag = on_flag
         self.stop_on_flag = stop_on_flag
         self.n_show = int(n_show)
+        self.describe, self.text_key = describe, text_key
+        self._describe = make_describer(describe, text_key)
         self.flag_layer = flag_layer
         self.output_dir = output_dir
         self.image_shape = tuple(image_shape) if image_shape is not None else None
@@ -212,13 +249,17 @@ class MemorizationMonitor(Callback):
         self._logits_checked: Optional[bool] = None
         self._first_epoch = 0
         self._device = torch.device("cpu")
+        self._flag_name: Optional[str] = None  # flag_layer resolved to a monitored name
+        self._text_cache: Dict[int, Optional[str]] = {}
+        self._no_text = False
 
     # ------------------------------------------------------------------ identity & state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            layers=layers_key(self.layers), source=self.source, pooling=str(self.pooling)
-        )
+        key = dict(layers=layers_key(self.layers), source=self.source, pooling=str(self.pooling))
+        if self.output_key is not None:  # keys of monitors without it stay as they were
+            key["output_key"] = self.output_key
+        return self._generate_state_key(**key)
 
     @property
     def flagged(self) -> np.ndarray:
@@ -263,7 +304,7 @@ class MemorizationMonitor(Callback):
                 "resumed from a checkpoint are in its epoch_<E>.csv files)."
             )
         per_layer = self.scores[epoch]
-        name = self._flag_layer() if layer is None else layer
+        name = self._flag_layer() if layer is None else self._monitored_name(layer, list(per_layer))
         if name not in per_layer:
             raise ValueError(
                 f"layer={layer!r} is not one of the monitored layers {list(per_layer)}."
@@ -306,18 +347,37 @@ class MemorizationMonitor(Callback):
         if stage != "fit":
             return
         self.capture = FeatureCapture(
-            pl_module, self.layers, self.pooling, dtype=self.feature_dtype, owner=self
+            pl_module,
+            self.layers,
+            self.pooling,
+            dtype=self.feature_dtype,
+            owner=self,
+            output_key=self.output_key,
         )
         names = self.capture.names
-        if self.flag_layer is not None and self.flag_layer not in names:
-            raise ValueError(
-                f"flag_layer={self.flag_layer!r} is not one of the monitored layers {names}."
-            )
+        self._flag_name = None
+        if self.flag_layer is not None:
+            self._flag_name = self._monitored_name(self.flag_layer, names)
+            if self._flag_name not in names:
+                raise ValueError(
+                    f"flag_layer={self.flag_layer!r} is not one of the monitored layers {names}."
+                )
+        self._text_cache, self._no_text = {}, False
         self.out_dir = resolve_output_dir(trainer, self.output_dir, "memorization", self)
         check_writable(trainer, self.out_dir, "MemorizationMonitor")
 
     def _flag_layer(self) -> str:
-        return self.flag_layer or self.capture.names[-1]
+        return self._flag_name or self.capture.names[-1]
+
+    @staticmethod
+    def _monitored_name(layer: str, names: List[str]) -> str:
+        """A monitored layer's resolved name from a name as given in ``layers=`` (e.g.
+        ``"encoder.layer.1"`` for ``"model.bert.encoder.layer.1"``); ``layer`` itself when it
+        names none or several."""
+        if layer in names:
+            return layer
+        hits = match_names(layer, names)
+        return hits[0] if len(hits) == 1 else layer
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         n = self.num_samples or dataset_size(trainer, "MemorizationMonitor")
@@ -351,7 +411,9 @@ class MemorizationMonitor(Callback):
             self._logit_handle = add_forward_hook(pl_module, self._logit_hook, "observe")
         if trainer.is_global_zero:
             if not resumed:  # a new run into this folder: no epoch file of an earlier run stays
-                clear_files(self.out_dir, r"epoch_\d+\.csv|flagged\.csv|history\.json")
+                clear_files(
+                    self.out_dir, r"epoch_\d+\.csv|flagged\.csv|history\.json|samples\.(json|npz)"
+                )
             atomic_write_json(os.path.join(self.out_dir, "config.json"), self._config(n))
 
     def _config(self, n: int) -> Dict[str, Any]:
@@ -360,7 +422,8 @@ class MemorizationMonitor(Callback):
             "flag_layer": self._flag_layer(),
             "every_n_epochs": self.every_n_epochs,
             "source": self.source,
-            "pooling": self.pooling if isinstance(self.pooling, str) else repr(self.pooling),
+            "pooling": pooling_config(self.pooling, self.capture.poolings),
+            "output_key": self.output_key,
             "n_estimators": self.n_estimators,
             "seed": self.seed,
             "warn_below": self.warn_below,
@@ -498,7 +561,7 @@ class MemorizationMonitor(Callback):
         self.scores[epoch] = scores
         self._log(trainer, pl_module, epoch, scores, labels, summary)
         if trainer.is_global_zero:
-            self._write_files(epoch, scores, stds, labels, known, loss, margin)
+            self._write_files(trainer, epoch, scores, stds, labels, known, loss, margin, new)
         if len(new):
             self._warn_flagged(new, epoch)
             if self.on_flag is not None:
@@ -709,18 +772,49 @@ class MemorizationMonitor(Callback):
                 writer.add_histogram(f"memo/{name}/psmi", vals, step)
         self._log_lowest(trainer, writer, scores[self._flag_layer()], labels, step)
 
+    def _lowest(self, score: np.ndarray) -> np.ndarray:
+        """Indices of the ``n_show`` lowest scored samples, lowest first."""
+        valid = np.nonzero(~np.isnan(score))[0]
+        return valid[np.argsort(score[valid], kind="stable")[: self.n_show]]
+
+    @staticmethod
+    def _dataset(trainer: Trainer) -> Any:
+        return getattr(trainer.train_dataloader, "dataset", None)
+
+    def _texts(self, trainer: Trainer, indices: Sequence[int]) -> Dict[int, Optional[str]]:
+        """Text of each sample (``describe=`` or the items' ``text_key`` field), cached over
+        epochs; ``{}`` when the dataset has none (decided on the first items read)."""
+        ds = self._dataset(trainer)
+        if self._no_text or ds is None:
+            return {}
+        todo = [int(i) for i in indices if int(i) not in self._text_cache]
+        if todo:
+            texts = sample_texts(self._describe, [ds[i] for i in todo], "MemorizationMonitor")
+            if self.describe is None and not self._text_cache and all(t is None for t in texts):
+                self._no_text = True  # items carry no text: stop reading them for it
+                return {}
+            self._text_cache.update(zip(todo, texts))
+        return {int(i): self._text_cache[int(i)] for i in indices}
+
     def _log_lowest(
         self, trainer: Trainer, writer: Any, score: np.ndarray, labels: torch.Tensor, step: int
     ) -> None:
         if self.n_show == 0:
             return
-        valid = np.nonzero(~np.isnan(score))[0]
-        lowest = valid[np.argsort(score[valid], kind="stable")[: self.n_show]]
-        rows = ["| index | label | PSMI |", "|---|---|---|"]
-        rows += [f"| {i} | {int(labels[i])} | {score[i]:.4f} |" for i in lowest]
+        lowest = self._lowest(score)
+        texts = self._texts(trainer, lowest)
+        if texts:
+            rows = ["| index | label | PSMI | text |", "|---|---|---|---|"]
+            rows += [
+                f"| {i} | {int(labels[i])} | {score[i]:.4f} | {markdown_cell(texts[int(i)])} |"
+                for i in lowest
+            ]
+        else:
+            rows = ["| index | label | PSMI |", "|---|---|---|"]
+            rows += [f"| {i} | {int(labels[i])} | {score[i]:.4f} |" for i in lowest]
         tag = f"memo/{self._flag_layer()}/lowest_psmi"
         writer.add_text(tag, "\n".join(rows), step)
-        ds = getattr(trainer.train_dataloader, "dataset", None)
+        ds = self._dataset(trainer)
         if ds is None:
             return
         items = [ds[int(i)] for i in lowest]
@@ -731,6 +825,7 @@ class MemorizationMonitor(Callback):
 
     def _write_files(
         self,
+        trainer: Trainer,
         epoch: int,
         scores: Dict[str, np.ndarray],
         stds: Dict[str, np.ndarray],
@@ -738,6 +833,7 @@ class MemorizationMonitor(Callback):
         known: torch.Tensor,
         loss: torch.Tensor,
         margin: torch.Tensor,
+        new: np.ndarray,
     ) -> None:
         names = list(scores)
         any_scored = np.zeros(labels.shape[0], dtype=bool)
@@ -760,12 +856,33 @@ class MemorizationMonitor(Callback):
         rows = zip(*cols)
         atomic_write_csv(os.path.join(self.out_dir, f"epoch_{epoch}.csv"), header, rows)
         fl = self.flagged
+        texts = self._texts(trainer, fl)
         atomic_write_csv(
             os.path.join(self.out_dir, "flagged.csv"),
-            ["index", "label", "epoch_flagged"],
-            [[int(i), int(labels[i]), int(self.flagged_epoch[i])] for i in fl],
+            ["index", "label", "epoch_flagged", "text"],
+            [
+                [int(i), int(labels[i]), int(self.flagged_epoch[i]), texts.get(int(i)) or ""]
+                for i in fl
+            ],
         )
         atomic_write_json(os.path.join(self.out_dir, "history.json"), self.history)
+        self._write_samples(trainer, new, scores[self._flag_layer()])
+
+    def _write_samples(self, trainer: Trainer, new: np.ndarray, score: np.ndarray) -> None:
+        """The newly flagged and the lowest-PSMI samples of this evaluation, for the report
+        (``samples.json`` / ``samples.npz``, merged with the earlier evaluations')."""
+        ds = self._dataset(trainer)
+        shown = [int(i) for i in new] + [int(i) for i in self._lowest(score)]
+        if ds is None or not shown:
+            return
+        write_samples(
+            self.out_dir,
+            {i: ds[i] for i in shown},
+            self._get_input,
+            self._get_label,
+            describe=samples_describe(self.describe, self.text_key),
+            image_shape=self.image_shape,
+        )
 
     # ------------------------------------------------------------------ teardown
     def _remove_hooks(self) -> None:

@@ -18,8 +18,15 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ..capture import extra_pass, layers_key, resolve_layers, resolve_parameters
-from ..data import Accessor, get_indices, get_labels, make_accessor
+from ..capture import (
+    add_forward_hook,
+    extra_pass,
+    layers_key,
+    recording_allowed,
+    resolve_layers,
+    resolve_parameters,
+)
+from ..data import Accessor, Describe, get_indices, get_labels, make_accessor, make_describer
 from ..distributed import gather_rows, gather_stats, world_size
 from ..influence.features import GradientFeaturizer
 from ..influence.grads import select_parameters
@@ -41,15 +48,20 @@ from ..io import (
 from ..viz import dataset_grid
 from .common import (
     default_layers,
+    markdown_cell,
     module_per_sample_loss,
     resumed_output_dir,
+    sample_texts,
+    samples_describe,
     sequential_loader,
     show_progress,
 )
+from .reports import write_samples
 
 __all__ = ["TracIn"]
 
 MODES = ("checkpoints", "online")
+N_TOP = 16  # top self-influence samples shown (image grid, text table) and recorded for the report
 
 
 class TracIn(Callback):
@@ -61,8 +73,11 @@ class TracIn(Callback):
     Args:
         layers: layer names/globs or modules whose parameters are differentiated (default: every
             trainable ``nn.Linear``).
-        parameters: parameter names or globs (e.g. ``["head.weight"]``) to differentiate instead
-            of whole layers (torch.func path; mode="checkpoints" only).
+        parameters: parameter names or globs (e.g. ``["head.weight"]``; ``fnmatch`` globs whose
+            ``*`` crosses dots, so ``"*lora_*"`` selects the LoRA matrices of a PEFT model) to
+            differentiate instead of whole layers. When they are every trainable parameter of
+            ``nn.Linear`` layers (LoRA A / B) the hook fast path runs; otherwise the
+            ``torch.func`` path (mode="checkpoints" only).
         projection_dim: size of the projected gradient features (LoGra for Linear layers);
             ``None`` for exact gradients.
         mode: ``"checkpoints"`` (TracInCP) or ``"online"`` (original TracIn).
@@ -80,6 +95,10 @@ class TracIn(Callback):
         index_key, label_key: batch accessors (see ``lightning_memo.data``); ``label_key`` also
             reads the query batches.
         input_key: reads the input of a dataset item, for the image grid.
+        describe: ``dataset item -> str``: the text shown beside the top self-influence samples
+            (TensorBoard table ``tracin/top_self_influence``, ``samples.json``); default: the
+            item's ``text_key`` field when items are dicts holding a string there.
+        text_key: the dict key of an item's text used when ``describe`` is ``None``.
         mask_key: accepted so every callback takes the same accessors; TracIn does not read it
             (the per-sample loss receives the whole batch, attention mask included).
         image_shape: reshape flat inputs for image grids.
@@ -109,6 +128,8 @@ class TracIn(Callback):
         label_key: Accessor = None,
         input_key: Accessor = None,
         mask_key: Optional[str] = "attention_mask",
+        describe: Describe = None,
+        text_key: Optional[str] = "text",
         image_shape: Optional[Sequence[int]] = None,
         output_dir: Optional[str] = None,
         progress: Optional[bool] = None,
@@ -145,6 +166,8 @@ class TracIn(Callback):
         self._get_label = make_accessor(label_key, "label")
         self._get_input = make_accessor(input_key, "input")
         self.mask_key = mask_key
+        self.describe, self.text_key = describe, text_key
+        self._describe = make_describer(describe, text_key)
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.output_dir, self.progress = output_dir, progress
         # state
@@ -156,6 +179,7 @@ class TracIn(Callback):
         self._labels_seen: Optional[torch.Tensor] = None  # (N,) bool
         # run-time
         self.features: Optional[GradientFeaturizer] = None
+        self._targets: Optional[tuple] = None  # (modules, params) of the featurizer
         self.out_dir: Optional[str] = None
         self._batch_idx: Optional[torch.Tensor] = None
         self._pending: Optional[Dict[str, Any]] = None
@@ -225,9 +249,8 @@ class TracIn(Callback):
             modules = default_layers(pl_module, (nn.Linear,))
         else:
             modules = resolve_layers(pl_module, self.layers)
-        self.features = GradientFeaturizer(
-            modules, self.projection_dim, self.seed, params=params, owner=self
-        )
+        self._targets = (modules, params)
+        self.features = self._featurizer()
         if self.mode == "online" and not self.features.linear:
             raise ValueError(
                 "mode='online' reads the training step's gradients of whole nn.Linear layers; "
@@ -238,6 +261,43 @@ class TracIn(Callback):
         self.out_dir = resolve_output_dir(trainer, self.output_dir, "tracin", self)
         check_writable(trainer, self.out_dir, "TracIn")
 
+    def _featurizer(self, factored: bool = True) -> GradientFeaturizer:
+        modules, params = self._targets
+        return GradientFeaturizer(
+            modules, self.projection_dim, self.seed, params=params, factored=factored, owner=self
+        )
+
+    def _check_factored(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The exact factored store (``[a | g]`` per sample and layer) needs ``(batch,
+        features)`` layer inputs; layers fed token sequences ``(batch, T, features)`` (a
+        transformer's projections, LoRA matrices) get exact flattened gradients instead. One
+        no-grad loss pass on the first training batch tells (an extra pass: invisible to the
+        other callbacks, training unchanged)."""
+        if self.features.layout is None:
+            return
+        ndims: Dict[str, int] = {}
+
+        def make_hook(name: str) -> Callable:
+            def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+                if recording_allowed(self) and inputs and isinstance(inputs[0], torch.Tensor):
+                    ndims[name] = inputs[0].ndim
+
+            return hook
+
+        handles = [
+            add_forward_hook(m, make_hook(n), "observe") for n, m in self.features.modules.items()
+        ]
+        try:
+            with extra_pass(self, pl_module), torch.no_grad():
+                batch = next(iter(sequential_loader(trainer)), None)
+                if batch is not None:
+                    self._loss()(pl_module, trainer.strategy.batch_to_device(batch))
+        finally:
+            for h in handles:
+                h.remove()
+        if any(d != 2 for d in ndims.values()):
+            self.features = self._featurizer(factored=False)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         ds = getattr(trainer.train_dataloader, "dataset", None)
         if ds is None or not hasattr(ds, "__len__"):
@@ -246,6 +306,7 @@ class TracIn(Callback):
                 "sample keeps its index across epochs and ranks."
             )
         n = len(ds)
+        self._check_factored(trainer, pl_module)
         self._restore()
         if self.store is None:
             path = os.path.join(self.out_dir, "store") if self.store_on_disk else None
@@ -513,17 +574,37 @@ class TracIn(Callback):
                 "missing_samples": self.store.missing() if self.mode == "checkpoints" else None,
             },
         )
+        ds = getattr(trainer.train_dataloader, "dataset", None)
+        top = [int(i) for i in order[:N_TOP]] if ds is not None else []
+        items = {i: ds[i] for i in top}
+        if items:
+            write_samples(
+                self.out_dir,
+                items,
+                self._get_input,
+                self._get_label,
+                describe=samples_describe(self.describe, self.text_key),
+                image_shape=self.image_shape,
+                merge=False,  # written once, at the end of fit: no sample of an earlier run stays
+            )
         writer = tensorboard_writer(trainer)
         if writer is not None:
-            writer.add_histogram("tracin/self_influence", si, trainer.global_step)
-            ds = getattr(trainer.train_dataloader, "dataset", None)
-            top = order[:16] if ds is not None else []
-            items = [ds[int(i)] for i in top]
+            step = trainer.global_step
+            writer.add_histogram("tracin/self_influence", si, step)
+            texts = sample_texts(self._describe, list(items.values()), "TracIn")
+            text_col = any(t is not None for t in texts)
+            head = "| rank | index | label | self-influence |" + (" text |" if text_col else "")
+            rows = [head, "|---" * (5 if text_col else 4) + "|"]
+            for r, (i, t) in enumerate(zip(top, texts)):
+                cell = f" {markdown_cell(t)} |" if text_col else ""
+                rows.append(f"| {r} | {i} | {lab[i]} | {si[i]:.4g} |{cell}")
+            if top:
+                writer.add_text("tracin/top_self_influence", "\n".join(rows), step)
             grid = dataset_grid(
-                items, self._get_input, [str(lab[i]) for i in top], self.image_shape
+                list(items.values()), self._get_input, [str(lab[i]) for i in top], self.image_shape
             )
             if grid is not None:
-                writer.add_image("tracin/top_self_influence", grid, trainer.global_step)
+                writer.add_image("tracin/top_self_influence", grid, step)
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exc: BaseException
