@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from ..callbacks import ConceptErasure, InfluenceAnalysis, MemorizationMonitor, TracIn
 from ..data import IndexedDataset
-from ._common import auroc
+from ._common import auroc, write_demo_report
 from .text import (
     Collate,
     TextClassifier,
@@ -159,6 +159,7 @@ def run_transformer_demo(
         erasure=_erasure_rows(erasure),
         log_dir=logger.log_dir,
         threshold=threshold,
+        report=write_demo_report(logger.log_dir, flipped),
     )
     if verbose:
         _print_summary(result)
@@ -253,3 +254,5 @@ def _print_summary(r: Dict[str, Any]) -> None:
         text = f["text"][:70]
         print(f"  [{f['index']:>4}] PSMI {f['psmi']:+.2f}  {f['given']} / {f['true']}: {text}")
     print(f"TensorBoard: tensorboard --logdir {r['log_dir']}")
+    if r.get("report"):
+        print(f"Report: open {r['report']}")
