@@ -14,7 +14,8 @@ Using ConceptErasure on your own model
    ``concept="group"``; anything else: ``concept=lambda batch: batch["meta"]["group"]``. Without
    ``concept=``, the label (key "label"/"labels"/"y", or position 1) is erased.
 2. Name the layers to erase as in ``model.named_modules()`` (globs allowed), e.g.
-   ``layers=["encoder.layer.*.output"]``; a layer returning a tuple needs ``output_index=``.
+   ``layers=["encoder.layer.*.output"]``; a tuple or ModelOutput is erased at its hidden states
+   (``output_key=`` picks another element).
 3. Pick when to fit:
      when="fit_start"    fit once on the initial model (one no-grad pass over the training
                          set per layer), erase during the whole run;

@@ -46,6 +46,7 @@ from .common import (
     default_forward,
     default_layers,
     module_per_sample_loss,
+    resumed_output_dir,
     sequential_loader,
     show_progress,
 )
@@ -231,8 +232,7 @@ class InfluenceAnalysis(Callback):
         if state.get("config") is not None:
             self.config = dict(state["config"])
         self.reused = dict(state.get("reused", self.reused))
-        if state.get("out_dir") and self.out_dir is None:
-            self.out_dir = state["out_dir"]
+        self.out_dir = resumed_output_dir(self.output_dir, self.out_dir, state)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
