@@ -6,6 +6,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -27,6 +28,7 @@ __all__ = [
     "samples_describe",
     "show_progress",
     "batch_mask",
+    "inference_context",
 ]
 
 
@@ -91,6 +93,12 @@ def sequential_loader(trainer: Trainer, loader: Optional[Any] = None) -> Any:
     Consumes no RNG, so a run is the same with and without the callback; under DDP rank r takes
     samples r, r + w, ... without the padding ``DistributedSampler`` adds, so every sample is seen
     exactly once over all ranks. A loader with a custom batch sampler is returned as is.
+
+    The loader's batch size, ``collate_fn``, ``num_workers``, ``pin_memory`` and, with workers,
+    ``persistent_workers``, ``prefetch_factor``, ``worker_init_fn``, ``multiprocessing_context``
+    and ``timeout`` are kept (not its ``generator``: drawing from it would change the training
+    shuffle). Persistent workers only pay off when the caller keeps the returned loader for the
+    next pass.
     """
     dl = trainer.train_dataloader if loader is None else loader
     ds = getattr(dl, "dataset", None)
@@ -99,14 +107,25 @@ def sequential_loader(trainer: Trainer, loader: Optional[Any] = None) -> Any:
     sampler = None
     if world_size(trainer.strategy) > 1:
         sampler = RankShard(len(ds), trainer.global_rank, trainer.world_size)
+    workers = int(getattr(dl, "num_workers", 0) or 0)
+    extra: Dict[str, Any] = {}
+    if workers > 0:
+        extra = {
+            "persistent_workers": bool(getattr(dl, "persistent_workers", False)),
+            "prefetch_factor": getattr(dl, "prefetch_factor", None),
+            "worker_init_fn": getattr(dl, "worker_init_fn", None),
+            "multiprocessing_context": getattr(dl, "multiprocessing_context", None),
+            "timeout": getattr(dl, "timeout", 0),
+        }
     return DataLoader(
         ds,
         batch_size=dl.batch_size,
         sampler=sampler,
         shuffle=False,
         collate_fn=dl.collate_fn,
-        num_workers=dl.num_workers,
-        pin_memory=dl.pin_memory,
+        num_workers=workers,
+        pin_memory=bool(getattr(dl, "pin_memory", False)),
+        **extra,
     )
 
 
@@ -176,6 +195,26 @@ def show_progress(progress: Optional[bool], trainer: Trainer) -> bool:
     silences every callback's bars too), ``True`` / ``False`` force it; only global rank 0 draws."""
     show = trainer.progress_bar_callback is not None if progress is None else bool(progress)
     return show and trainer.is_global_zero
+
+
+def inference_context(trainer: Trainer) -> Any:
+    """The grad-free context of a forward-only extra pass: ``torch.inference_mode()``, or
+    ``torch.no_grad()`` where Lightning's own evaluation loops fall back to it (a gloo process
+    group, an FSDP strategy, an XLA accelerator) and when ``Trainer(inference_mode=False)``.
+
+    Only values copied into tensors made outside the pass may leave it (an inference tensor
+    cannot be changed in place or saved for backward outside inference mode); a model that builds
+    a cache in ``forward`` that training later differentiates through needs
+    ``Trainer(inference_mode=False)``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        return torch.no_grad()
+    strategy = type(getattr(trainer, "strategy", None)).__name__
+    accelerator = type(getattr(trainer, "accelerator", None)).__name__
+    if "FSDP" in strategy or "XLA" in accelerator:
+        return torch.no_grad()
+    if not getattr(getattr(trainer, "validate_loop", None), "inference_mode", True):
+        return torch.no_grad()
+    return torch.inference_mode()
 
 
 def batch_mask(batch: Any, mask_key: Optional[str]) -> Any:

@@ -50,6 +50,7 @@ from .common import (
     sequential_loader,
     show_progress,
 )
+from .reports import write_influence_results
 
 __all__ = ["InfluenceAnalysis"]
 
@@ -579,9 +580,7 @@ class InfluenceAnalysis(Callback):
         }
 
     def _write(self, trainer: Trainer, config: dict, train: Any, queries: Any) -> None:
-        from .influence_report import write_report
-
-        write_report(self, trainer, config, train, queries)
+        write_influence_results(self, trainer, config, train, queries)
 
 
 def _layers_used(method: str, modules: Dict[str, nn.Module]) -> Any:

@@ -46,6 +46,7 @@ from .common import (
     checked_forward,
     dataset_size,
     default_forward,
+    inference_context,
     markdown_cell,
     resumed_output_dir,
     sample_texts,
@@ -55,9 +56,56 @@ from .common import (
 )
 from .reports import write_samples
 
-__all__ = ["MemorizationMonitor"]
+__all__ = ["MemorizationMonitor", "combined_risk", "normalised_ranks"]
 
 SOURCES = ("train", "eval")
+WARN_ON = ("psmi", "combined")
+DIRECTIONS = ("gaussian", "orthogonal")
+
+
+def normalised_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks of the finite entries of ``values`` scaled to [0, 1], ascending.
+
+    Args:
+        values: (n,) float; NaN / inf entries are not ranked.
+
+    Returns:
+        (n,) float64: ``(average rank - 1) / (k - 1)`` among the ``k`` finite values (the lowest
+        0, the highest 1, tied values share the mean of their ranks), 0.5 when ``k == 1``, NaN
+        where ``values`` is not finite. Equivalently
+        ``(#{j: v_j < v_i} + #{j != i: v_j == v_i} / 2) / (k - 1)``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    out = np.full(v.shape, np.nan)
+    ok = np.isfinite(v)
+    k = int(ok.sum())
+    if k == 1:
+        out[ok] = 0.5
+    elif k > 1:
+        _, inv, cnt = np.unique(v[ok], return_inverse=True, return_counts=True)
+        start = np.cumsum(cnt) - cnt  # 0-based rank of the first of each distinct value
+        out[ok] = (start + (cnt - 1) / 2.0)[inv.reshape(-1)] / (k - 1)
+    return out
+
+
+def combined_risk(*signals: np.ndarray) -> np.ndarray:
+    """The combined early-warning score: the mean of the signals' normalised ranks.
+
+    Args:
+        *signals: (n,) float arrays, each oriented so that higher means more at risk (the monitor
+            passes ``-PSMI`` of the flag layer, the loss and ``-margin``); NaN where a sample has
+            no value of that signal.
+
+    Returns:
+        (n,) float64 in [0, 1]: for each sample, the mean of :func:`normalised_ranks` over the
+        signals it has (a signal is ranked among the samples that have it); NaN for a sample with
+        none. Parameter-free: no weights, no scales.
+    """
+    ranks = np.stack([normalised_ranks(s) for s in signals])
+    have = np.isfinite(ranks)
+    n = have.sum(axis=0)
+    total = np.where(have, ranks, 0.0).sum(axis=0)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
 class MemorizationMonitor(Callback):
@@ -67,7 +115,8 @@ class MemorizationMonitor(Callback):
     sample will be memorized (Wongso et al., ISIT 2023; Dentan et al., ECAI 2025). Each evaluated
     epoch the monitor scores every training sample on every chosen layer, logs summaries,
     histograms and the lowest-PSMI inputs, writes ``epoch_<E>.csv`` and flags samples that stay
-    below ``warn_below`` for ``patience`` evaluations.
+    below ``warn_below`` for ``patience`` evaluations (or, with ``warn_on="combined"``, whose
+    combined risk of -PSMI, loss and -margin stays at or above ``risk_above``).
 
     Results after ``fit``: :meth:`scores_at` (an epoch's ``(N,)`` PSMI on one layer),
     :attr:`epochs`, :attr:`flagged`, :attr:`labels` / :attr:`labels_seen`, ``history``.
@@ -84,8 +133,10 @@ class MemorizationMonitor(Callback):
             scored; ``"<name>:input"`` scores the layer's input instead (e.g.
             ``"classifier:input"``).
         every_n_epochs: evaluate every n-th epoch (epochs n-1, 2n-1, ...).
-        source: ``"train"`` (features of the training forward passes; no extra pass) or ``"eval"``
-            (a no-grad pass over the training set in eval mode at the end of the epoch).
+        source: ``"eval"`` (default: a forward-only pass over the training set in eval mode at
+            the end of the epoch, so every sample is scored on the same end-of-epoch model, as in
+            Dentan et al.) or ``"train"`` (features of the training forward passes; no extra
+            pass, but each sample seen by the model of its own step, dropout on).
         pooling: how a layer output ``(B, ..., d)`` becomes ``(B, d)``: ``"mean"`` (mask-aware),
             ``"last"`` (last non-padding token, left or right padding), ``"first"`` (first
             non-padding token: CLS), ``"flatten"`` or a callable; or a dict per layer
@@ -95,7 +146,12 @@ class MemorizationMonitor(Callback):
             ``None`` (default) the hidden states (``last_hidden_state``, else the first tensor),
             an int position or a str key (``"pooler_output"``). Tensor outputs are used as they
             are.
-        n_estimators: PSMI directions (``"auto"`` allowed).
+        n_estimators: PSMI directions (``"auto"`` allowed). Default 1000, with
+            ``directions="orthogonal"``: as accurate as 2000 Gaussian directions (the paper's)
+            in half the time (docs/memorization.md, "Defaults").
+        directions: ``"orthogonal"`` (blocks of orthonormal directions: variance-reduced) or
+            ``"gaussian"`` (i.i.d., as the paper and the ``psmi`` package; use it with
+            ``n_estimators=2000`` to reproduce them).
         seed: seed of the PSMI directions (combined with the epoch and layer).
         index_key, label_key: how to read indices and labels from a batch (dict key, tuple
             position or callable); defaults in :mod:`lightning_memo.data`.
@@ -103,7 +159,13 @@ class MemorizationMonitor(Callback):
         mask_key: dict key of the attention mask used by pooling (ignored when absent); the
             ``"eval"`` pass calls ``module(**batch)`` with it (without index / label / text keys).
         warn_below: PSMI threshold of the early warning (0: less information than chance).
-        patience: consecutive evaluations below ``warn_below`` before a sample is flagged.
+        patience: consecutive evaluations at risk (PSMI below ``warn_below``; with
+            ``warn_on="combined"``, risk at or above ``risk_above``) before a sample is flagged.
+        warn_on: what the early warning reads: ``"psmi"`` (PSMI of the flag layer below
+            ``warn_below``) or ``"combined"`` (the ``risk`` column: the mean of the normalised
+            ranks of -PSMI of the flag layer, the loss and -margin, see :func:`combined_risk`).
+        risk_above: threshold of ``warn_on="combined"`` in (0, 1]: 0.9 flags samples ranked
+            among the riskiest 10 % on average over the signals.
         on_flag: called on every rank with the newly flagged indices ``(k,)`` (numpy).
         stop_on_flag: stop training (all ranks together) when samples get flagged.
         n_show: number of lowest-PSMI inputs shown in TensorBoard and recorded for the report
@@ -118,6 +180,11 @@ class MemorizationMonitor(Callback):
         output_dir: folder of the result files (default ``<log_dir>/lightning_memo/memorization``).
         image_shape: reshape flat inputs to this image shape for the grid (e.g. ``(8, 8)``).
         forward_fn: ``(module, batch) -> output`` used by ``source="eval"``.
+        eval_stop_early: ``source="eval"`` only: end each forward of the eval pass as soon as
+            every monitored layer has recorded (nothing after the deepest monitored layer runs).
+            The model's output is then never computed, so there is no loss, margin or risk
+            (columns absent from the CSV); it saves the compute after the deepest monitored
+            layer (none when that is the last layer). Incompatible with ``warn_on="combined"``.
         num_samples: training-set size ``N`` (default ``len(train_dataloader.dataset)``).
         feature_dtype: dtype of the feature buffers (CPU).
         psmi_kwargs: more arguments of :class:`~lightning_memo.PSMI` (e.g. ``dtype``,
@@ -131,10 +198,11 @@ class MemorizationMonitor(Callback):
         layers: LayerSpec,
         *,
         every_n_epochs: int = 1,
-        source: str = "train",
+        source: str = "eval",
         pooling: PoolingSpec = "mean",
         output_key: OutputKey = None,
-        n_estimators: Any = 2000,
+        n_estimators: Any = 1000,
+        directions: str = "orthogonal",
         seed: int = 0,
         index_key: Accessor = None,
         label_key: Accessor = None,
@@ -142,6 +210,8 @@ class MemorizationMonitor(Callback):
         mask_key: Optional[str] = "attention_mask",
         warn_below: float = 0.0,
         patience: int = 2,
+        warn_on: str = "psmi",
+        risk_above: float = 0.9,
         on_flag: Optional[Callable[[np.ndarray], None]] = None,
         stop_on_flag: bool = False,
         n_show: int = 16,
@@ -151,6 +221,7 @@ class MemorizationMonitor(Callback):
         output_dir: Optional[str] = None,
         image_shape: Optional[Sequence[int]] = None,
         forward_fn: Optional[Callable[[LightningModule, Any], Any]] = None,
+        eval_stop_early: bool = False,
         num_samples: Optional[int] = None,
         feature_dtype: torch.dtype = torch.float32,
         psmi_kwargs: Optional[Dict[str, Any]] = None,
@@ -179,6 +250,25 @@ class MemorizationMonitor(Callback):
             raise ValueError(f"source={source!r}: use 'train' or 'eval'.")
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience={patience!r}: use an integer >= 1.")
+        if warn_on not in WARN_ON:
+            raise ValueError(f"warn_on={warn_on!r}: use 'psmi' or 'combined'.")
+        if not isinstance(risk_above, (int, float)) or not 0.0 < float(risk_above) <= 1.0:
+            raise ValueError(
+                f"risk_above={risk_above!r}: use a number in (0, 1] (the combined risk is a mean "
+                "of normalised ranks in [0, 1])."
+            )
+        if directions not in DIRECTIONS:
+            raise ValueError(f"directions={directions!r}: use 'orthogonal' or 'gaussian'.")
+        if eval_stop_early and source != "eval":
+            raise ValueError(
+                f"eval_stop_early=True with source={source!r}: the early stop ends the forwards "
+                "of the eval pass; use source='eval' or drop eval_stop_early."
+            )
+        if eval_stop_early and warn_on == "combined":
+            raise ValueError(
+                "eval_stop_early=True with warn_on='combined': the early stop skips the model's "
+                "output, so there is no loss or margin to combine; use one of them."
+            )
         if n_show < 0:
             raise ValueError(f"n_show={n_show!r}: use an integer >= 0.")
         if on_flag is not None and not callable(on_flag):
@@ -207,7 +297,16 @@ class MemorizationMonitor(Callback):
                 "n_estimators= and seed= to MemorizationMonitor (directions are seeded per epoch "
                 "and layer so ranks and resumed runs agree)."
             )
-        PSMI(n_estimators=n_estimators, seed=0, **self.psmi_kwargs)  # validate now, not later
+        kind = self.psmi_kwargs.pop("directions", directions)
+        if kind != directions:
+            raise ValueError(
+                f"psmi_kwargs={{'directions': {kind!r}}} and directions={directions!r}: pass "
+                f"directions={kind!r} to MemorizationMonitor (its own argument since the default "
+                "became 'orthogonal')."
+            )
+        self.directions = directions
+        # validate now, not later
+        PSMI(n_estimators=n_estimators, seed=0, directions=directions, **self.psmi_kwargs)
         self.index_key, self.label_key, self.input_key = index_key, label_key, input_key
         self._get_index = make_accessor(index_key, "index")
         self._get_label = make_accessor(label_key, "label")
@@ -215,6 +314,8 @@ class MemorizationMonitor(Callback):
         self.mask_key = mask_key
         self.warn_below = float(warn_below)
         self.patience = patience
+        self.warn_on = warn_on
+        self.risk_above = float(risk_above)
         self.on_flag = on_flag
         self.stop_on_flag = stop_on_flag
         self.n_show = int(n_show)
@@ -224,6 +325,7 @@ class MemorizationMonitor(Callback):
         self.output_dir = output_dir
         self.image_shape = tuple(image_shape) if image_shape is not None else None
         self.forward_fn = forward_fn
+        self.eval_stop_early = bool(eval_stop_early)
         self.num_samples = num_samples
         self.feature_dtype = feature_dtype
         self.progress = progress
@@ -233,6 +335,7 @@ class MemorizationMonitor(Callback):
         self.flagged_epoch: Optional[torch.Tensor] = None  # (N,) epoch flagged, -1 if not
         # run-time only
         self.scores: Dict[int, Dict[str, np.ndarray]] = {}  # epoch -> layer -> (N,) NaN if unscored
+        self.risks: Dict[int, np.ndarray] = {}  # epoch -> (N,) combined risk, NaN if unscored
         self.capture: Optional[FeatureCapture] = None
         self.out_dir: Optional[str] = None
         self._pending_state: Optional[Dict[str, Any]] = None
@@ -243,6 +346,8 @@ class MemorizationMonitor(Callback):
         self._loss: Optional[torch.Tensor] = None
         self._margin: Optional[torch.Tensor] = None
         self._logit_handle: Any = None
+        self._loader: Any = None  # the eval pass's loader, kept across epochs (persistent workers)
+        self._loader_src: Any = None
         self._armed_batch: Optional[tuple] = None
         self._warned: set = set()
         self._checked = False
@@ -310,6 +415,26 @@ class MemorizationMonitor(Callback):
                 f"layer={layer!r} is not one of the monitored layers {list(per_layer)}."
             )
         return per_layer[name].copy()
+
+    def risk_at(self, epoch: int) -> np.ndarray:
+        """The combined risk of every training sample at the end of one evaluated epoch.
+
+        Args:
+            epoch: a 0-based epoch of :attr:`epochs`.
+
+        Returns:
+            (N,) float64 in [0, 1] (:func:`combined_risk` of -PSMI of the flag layer, the loss
+            and -margin; higher = more at risk); NaN where the sample has none of them. A copy.
+
+        Raises:
+            KeyError: ``epoch`` was not evaluated in this process.
+        """
+        if epoch not in self.risks:
+            raise KeyError(
+                f"MemorizationMonitor has no risk for epoch {epoch}; evaluated epochs in this "
+                f"process: {self.epochs}."
+            )
+        return self.risks[epoch].copy()
 
     @property
     def labels(self) -> Optional[torch.Tensor]:
@@ -422,11 +547,15 @@ class MemorizationMonitor(Callback):
             "flag_layer": self._flag_layer(),
             "every_n_epochs": self.every_n_epochs,
             "source": self.source,
+            "eval_stop_early": self.eval_stop_early,
             "pooling": pooling_config(self.pooling, self.capture.poolings),
             "output_key": self.output_key,
             "n_estimators": self.n_estimators,
+            "directions": self.directions,
             "seed": self.seed,
+            "warn_on": self.warn_on,
             "warn_below": self.warn_below,
+            "risk_above": self.risk_above,
             "patience": self.patience,
             "num_samples": n,
             "psmi_kwargs": {k: str(v) for k, v in self.psmi_kwargs.items()},
@@ -503,15 +632,21 @@ class MemorizationMonitor(Callback):
             self._margin[cpu_idx] = both[:, 1]
 
     def _eval_pass(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """No-grad pass over the training set in eval mode, recording features and baselines;
-        invisible to the other callbacks, every module's own train/eval mode restored after."""
+        """Forward-only pass over the training set in eval mode (``torch.inference_mode`` where
+        Lightning would use it), recording features and baselines; invisible to the other
+        callbacks, every module's own train/eval mode restored after. With ``eval_stop_early``
+        each forward ends once every monitored layer has recorded (no baselines then).
+
+        Only pooled features, labels, loss and margin leave the pass, copied into tensors made
+        outside it (the capture's buffers are normal tensors even when made inside)."""
         from tqdm.auto import tqdm
 
         show = show_progress(self.progress, trainer)
-        loader = sequential_loader(trainer)
+        loader = self._pass_loader(trainer)
+        stop = self.eval_stop_early
         self.capture.attach()
         try:
-            with extra_pass(self, pl_module), torch.no_grad():
+            with extra_pass(self, pl_module), inference_context(trainer):
                 # built inside: iter(loader) draws the DataLoader's base seed from the global RNG
                 bar = tqdm(
                     loader, desc="MemorizationMonitor: eval pass", leave=False, disable=not show
@@ -522,12 +657,21 @@ class MemorizationMonitor(Callback):
                         batch = trainer.strategy.batch_to_device(batch)
                         if mask is not None:
                             mask = batch[self.mask_key]
-                        self.capture.arm(idx, mask)
-                        out = self._forward(pl_module, batch)
+                        self.capture.arm(idx, mask, stop=stop)
+                        out, _ = self.capture.forward(self._forward, pl_module, batch)
                         self.capture.disarm()
-                        self._record_baselines(idx, lab, out)
+                        if not stop:
+                            self._record_baselines(idx, lab, out)
         finally:
             self.capture.remove()
+
+    def _pass_loader(self, trainer: Trainer) -> Any:
+        """The eval pass's sequential loader, built once per training loader: its workers live
+        on between epochs when the training loader has ``persistent_workers=True``."""
+        src = trainer.train_dataloader
+        if self._loader is None or self._loader_src is not src:
+            self._loader, self._loader_src = sequential_loader(trainer), src
+        return self._loader
 
     def _forward(self, pl_module: LightningModule, batch: Any) -> Any:
         """The eval pass's forward (``forward_fn`` or ``module(inputs)``), with a clear error."""

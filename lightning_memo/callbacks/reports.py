@@ -14,10 +14,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_write_bytes, atomic_write_csv, atomic_write_json
-from ..viz import as_image
+from ..influence.tracin import top_k as top_k_of
+from ..io import atomic_write_bytes, atomic_write_csv, atomic_write_json, tensorboard_writer
+from ..viz import as_image, dataset_grid
 
-__all__ = ["write_samples", "write_truth", "MAX_TEXT"]
+__all__ = [
+    "write_samples",
+    "write_truth",
+    "write_influence_results",
+    "proponent_images",
+    "MAX_TEXT",
+]
 
 MAX_TEXT = 1000  # characters of a sample's text kept in samples.json
 _ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
@@ -182,3 +189,107 @@ def write_truth(
 
 def _isnan(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
+
+
+# ---------------------------------------------------------------------- InfluenceAnalysis
+def write_influence_results(
+    analysis: Any, trainer: Any, config: dict, train: Any, queries: Any
+) -> None:
+    """InfluenceAnalysis's files (rank 0): self_influence.csv, top_k.csv, config.json, the samples
+    the report shows (top self-influence, the first queries' proponents / opponents, the queries);
+    TensorBoard histogram, image grid or table."""
+    out = analysis.out_dir
+    os.makedirs(out, exist_ok=True)
+    si = analysis.self_influence.numpy()
+    norm = analysis.hinv_norm.numpy()
+    labels = analysis.labels.numpy()
+    order = np.argsort(-si, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    atomic_write_csv(
+        os.path.join(out, "self_influence.csv"),
+        ["index", "label", "self_influence", "hinv_norm", "rank"],
+        [[i, int(labels[i]), float(si[i]), float(norm[i]), int(rank[i])] for i in range(len(si))],
+    )
+    rows = []
+    if analysis.scores is not None and analysis.top_k:
+        for q in range(analysis.scores.shape[0]):
+            row = analysis.scores[q]
+            pro, opp = top_k_of(row, analysis.top_k)
+            for r, (p, o) in enumerate(zip(pro.tolist(), opp.tolist())):
+                rows.append([q, r, p, float(row[p]), o, float(row[o])])
+        atomic_write_csv(
+            os.path.join(out, "top_k.csv"),
+            ["query", "rank", "proponent", "proponent_score", "opponent", "opponent_score"],
+            rows,
+        )
+    _record_influence_samples(analysis, order, train, queries)
+    est = analysis.estimator
+    atomic_write_json(
+        os.path.join(out, "config.json"),
+        {
+            **config,
+            "damping_used": est.damping_used(),
+            "num_query": None if analysis.scores is None else int(analysis.scores.shape[0]),
+            "reused": dict(analysis.reused),
+        },
+    )
+    writer = tensorboard_writer(trainer)
+    if writer is None:
+        return
+    step = trainer.global_step
+    writer.add_histogram(f"influence/{analysis.method}/self_influence", si, step)
+    if analysis.scores is None:
+        return
+    grid = proponent_images(analysis, train, queries)
+    if grid is not None:
+        writer.add_image(f"influence/{analysis.method}/proponents_opponents", grid, step)
+    else:
+        writer.add_text(f"influence/{analysis.method}/top_k", _table(rows, analysis.n_show), step)
+
+
+def _table(rows: List[list], n_show: int) -> str:
+    lines = ["| query | rank | proponent | score | opponent | score |", "|---|---|---|---|---|---|"]
+    for q, r, p, ps, o, os_ in rows:
+        if q < n_show:
+            lines.append(f"| {q} | {r} | {p} | {ps:.3g} | {o} | {os_:.3g} |")
+    return "\n".join(lines)
+
+
+def proponent_images(analysis: Any, train: Any, queries: Any, k: int = 5) -> Optional[torch.Tensor]:
+    """(3, H, W) grid: per shown query, the query then its k proponents and k opponents (caption:
+    label); ``None`` when the inputs are not images."""
+    ds = train.dataset
+    qds = getattr(queries, "dataset", None)
+    if qds is None:
+        return None
+    n_show = min(analysis.n_show, analysis.scores.shape[0], len(qds))
+    items, captions = [], []
+    for q in range(n_show):
+        pro, opp = top_k_of(analysis.scores[q], k)
+        items += [qds[q]] + [ds[int(i)] for i in pro] + [ds[int(i)] for i in opp]
+    try:
+        captions = [str(int(torch.as_tensor(analysis._get_label(it)))) for it in items]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return dataset_grid(items, analysis._get_input, captions, analysis.image_shape, 1 + 2 * k)
+
+
+def _record_influence_samples(analysis: Any, order: np.ndarray, train: Any, queries: Any) -> None:
+    """The training samples the report shows (top 10 self-influence, proponents and opponents of
+    the first 3 queries) and those queries, in samples.json / queries.json."""
+    ds = getattr(train, "dataset", None)
+    if ds is None:
+        return
+    keep = [int(i) for i in order[:10]]
+    qds = getattr(queries, "dataset", None)
+    n_q = 0 if analysis.scores is None or qds is None else min(3, analysis.scores.shape[0])
+    for q in range(n_q):
+        pro, opp = top_k_of(analysis.scores[q], min(5, analysis.top_k or 5))
+        keep += [int(i) for i in pro] + [int(i) for i in opp]
+    get_in, get_lab = analysis._get_input, analysis._get_label
+    write_samples(analysis.out_dir, {i: ds[i] for i in dict.fromkeys(keep)}, get_in, get_lab,
+                  image_shape=analysis.image_shape, merge=False)  # fmt: skip
+    if n_q:
+        write_samples(analysis.out_dir, {q: qds[q] for q in range(n_q)}, get_in, get_lab,
+                      image_shape=analysis.image_shape, name="queries", merge=False)  # fmt: skip

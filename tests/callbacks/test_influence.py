@@ -158,7 +158,7 @@ def test_run_on_demand_equals_on_fit_end(tmp_path):
 def test_tensorboard_and_image_grid(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_memo.callbacks.influence_report import proponent_images
+    from lightning_memo.callbacks.reports import proponent_images
 
     ia = InfluenceAnalysis(
         method="kfac", queries=query_loader(), progress=False, image_shape=(2, 4), n_show=2
