@@ -123,3 +123,51 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+class BusyCore:
+    """Background load while the ``with`` block runs: one busy-loop process pinned to one CPU
+    (``taskset -c``; unpinned when ``taskset`` is missing). Used for the "under load" rows:
+    another job occupying one core of the machine, as on a shared CPU."""
+
+    def __init__(self, cpu: Optional[int] = None) -> None:
+        self.cpu = (os.cpu_count() or 1) - 1 if cpu is None else cpu
+        self.proc: Optional[subprocess.Popen] = None
+        self.pinned = False
+
+    def __enter__(self) -> BusyCore:
+        import shutil
+        import sys
+
+        cmd = [sys.executable, "-c", "while True: pass"]
+        if shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(self.cpu)] + cmd
+            self.pinned = True
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # let it reach the loop
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def matmul_gflops(threads: int, size: int = 4096, repeats: int = 3) -> float:
+    """The machine's float32 matmul rate (GFLOP/s) with ``threads`` torch threads: best of
+    ``repeats`` (size x size) @ (size x size) products after one warm-up."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(size, size)
+        b = torch.randn(size, size)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        return 2.0 * size**3 / best / 1e9
+    finally:
+        torch.set_num_threads(before)

@@ -442,6 +442,8 @@ class OursBase(Runner):
 
     full_phases = ("fit", "both")
 
+    lazy = True  # grad_dict(lazy=True): factors, materialised only where a method reads them
+
     def __init__(self, cfg: Config, model: nn.Module, data: Dict[str, torch.Tensor]) -> None:
         self.cfg, self.model = cfg, model
         self.modules = linear_modules(model)
@@ -450,8 +452,8 @@ class OursBase(Runner):
         self.feat = GradientFeaturizer(self.modules, projection_dim=None, factored=False)
         self.method: Any = None
 
-    def grad_fn(self, batch: Any) -> Dict[str, torch.Tensor]:
-        return self.feat.grad_dict(self.model, batch, per_sample_loss)
+    def grad_fn(self, batch: Any) -> Any:
+        return self.feat.grad_dict(self.model, batch, per_sample_loss, lazy=self.lazy)
 
     def pairwise(self) -> torch.Tensor:
         q_rows = query_matrix(self.method, self.grad_fn, self.queries)
@@ -1149,10 +1151,25 @@ def section_arnoldi(cfg: Config, model: nn.Module, data: Dict[str, torch.Tensor]
 MEMORY_CASES = ["ours EK-FAC", "Kronfluence EK-FAC", "ours Arnoldi", "Captum Arnoldi"]
 
 
+class OursKFACSelf(OursKFAC):
+    """Only the self-influence pass of ours EK-FAC / K-FAC, with the per-sample gradients
+    materialised (``lazy=False``: the previous path) or read from the layer factors."""
+
+    phases = ("fit", "self_influence")
+    full_phases = ("self_influence",)
+
+    def __init__(self, cfg: Config, model: nn.Module, data: Dict[str, torch.Tensor], ekfac: bool,
+                 lazy: bool) -> None:  # fmt: skip
+        super().__init__(cfg, model, data, ekfac, "empirical")
+        self.lazy = lazy
+
+
 def make_runner(case: str, cfg: Config, model: nn.Module, data: Dict[str, torch.Tensor],
                 folder: str) -> Runner:  # fmt: skip
     if case == "ours EK-FAC":
         return OursKFAC(cfg, model, data, True, "empirical")
+    if case.startswith("ours EK-FAC self"):
+        return OursKFACSelf(cfg, model, data, True, lazy="factors" in case)
     if case == "Kronfluence EK-FAC":
         return Kronfluence(cfg, model, data, "ekfac", "empirical", folder)
     if case == "ours Arnoldi":
@@ -1173,8 +1190,13 @@ def memory_child(spec: Dict[str, Any]) -> Dict[str, Any]:
     case = spec["case"]
     with tempfile.TemporaryDirectory() as folder:
         tcfg, tdata = tiny(cfg, data)
-        make_runner(case, tcfg, model, tdata, os.path.join(folder, "warm")).full()  # warm-up
+        warm = make_runner(case, tcfg, model, tdata, os.path.join(folder, "warm"))
+        if spec.get("fit_first"):
+            warm.fit()
+        warm.full()  # warm-up
         runner = make_runner(case, cfg, model, data, os.path.join(folder, "run"))
+        if spec.get("fit_first"):
+            runner.fit()  # outside the measurement: only the scoring pass is measured
         gc.collect()
         base = _rss_kb()
         reset = _reset_peak()
@@ -1247,6 +1269,87 @@ def section_memory(cfg: Config, model_path: str) -> Tuple[str, Dict[str, Any]]:
         "/proc/self/status.\n" + error_text(errors)
     )
     return text, res
+
+
+# --------------------------------------------------------------------------- section 5
+def section_kfac_self(
+    cfg: Config, model: nn.Module, data: Dict[str, torch.Tensor], model_path: str
+) -> Tuple[str, Dict[str, Any]]:
+    """Self-influence of the n training samples, per-sample gradients materialised vs read from
+    the layer factors: time (interleaved rounds) and peak memory (fresh processes)."""
+    makers: Dict[str, Maker] = {}
+    for ekfac in (True, False):
+        tag = "EK-FAC" if ekfac else "K-FAC"
+        for lazy in (False, True):
+            how = "from the factors (new)" if lazy else "materialised gradients (before)"
+            makers[f"ours {tag}, {how}"] = lambda c, d, e=ekfac, lz=lazy: OursKFACSelf(
+                c, model, d, e, lz
+            )
+    best, results, errors, _ = bench(cfg, makers, data)
+    mem: Dict[str, Any] = {}
+    for case in ("ours EK-FAC self, materialised", "ours EK-FAC self, factors"):
+        spec = {"cfg": asdict(cfg), "model": model_path, "case": case, "fit_first": True}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", json.dumps(spec)]
+        cmd += ["--threads", str(cfg.threads)]
+        log(f"memory: {case}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=REPO_ROOT)
+        if proc.returncode != 0:
+            errors[case] = proc.stderr.strip()[-2000:]
+            continue
+        mem[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+        log(f"memory: {case}: {mem[case]}")
+    rows = []
+    for tag in ("EK-FAC", "K-FAC"):
+        old = f"ours {tag}, materialised gradients (before)"
+        new = f"ours {tag}, from the factors (new)"
+        if old not in best or new not in best:
+            continue
+        a = torch.as_tensor(results[old]["self_influence"]).double()
+        b = torch.as_tensor(results[new]["self_influence"]).double()
+        diff = float((a - b).abs().max() / a.abs().max())
+        for name in (old, new):
+            w = best[name]["wall"]["self_influence"]
+            c = best[name]["cpu"]["self_influence"]
+            key = "ours EK-FAC self, " + ("factors" if "factors" in name else "materialised")
+            m = mem.get(key) if tag == "EK-FAC" else None
+            rows.append([
+                name,
+                f"{fmt_s(w)} / {fmt_s(c)}",
+                f"{best[old]['wall']['self_influence'] / w:.1f}x",
+                fmt_mb(m["extra_kb"]) if m else "-",
+                "-" if name == old else f"{diff:.1e}",
+            ])  # fmt: skip
+    p = sum(q.numel() for q in model.parameters())
+    io = sum(m.in_features + 1 + m.out_features for m in linear_modules(model).values())
+    text = (
+        f"### 5. K-FAC / EK-FAC self-influence of the {cfg.n:,} training samples: per-sample "
+        "gradients materialised vs read from the layer factors\n\n"
+        "`train_pass(method, grad_fn, train, want_self=True)` without queries, after the fit "
+        "(empirical Fisher, damping as above). Before: `grad_fn` returns the materialised "
+        "per-sample gradients (`GradientFeaturizer.grad_dict(...)`: a (B, d_out, d_in + 1) "
+        "tensor per layer, rotated by Q_S^T G Q_A). Now: `grad_dict(..., lazy=True)` returns the "
+        "layers' inputs and output-gradients (`FactoredGrads`) and `KFACInfluence.self_influence` "
+        "reads them: the rotated gradient of a sample without positions is the rank-one "
+        "(Q_S^T g)(Q_A^T a)^T, so its weighted square sum is ((Q_S^T g)^2)^T W (Q_A^T a)^2 with W "
+        "= 1 / (Lambda + damping), no per-sample gradient formed. Times: wall / CPU seconds, "
+        f"best of {cfg.repeats} interleaved rounds; peak extra memory of the self-influence pass "
+        "alone (fresh process, fit done before the peak is reset; EK-FAC).\n\n"
+        + md_table(
+            [
+                "self-influence pass",
+                "wall / CPU (s)",
+                "speed-up",
+                "peak extra (MB)",
+                "max abs diff / max abs (vs before)",
+            ],
+            rows,
+        )
+        + f"\n\nFor scale: one batch of {cfg.batch} per-sample gradients ({p:,} parameters) is "
+        f"{cfg.batch * p * 4 / 2**20:.0f} MB in float32 (and the rotation makes two more of that "
+        "size); the factors of the same batch are "
+        f"{cfg.batch * io * 4 / 2**20:.1f} MB.\n" + error_text(errors)
+    )
+    return text, {"best": best, "mem": mem}
 
 
 # --------------------------------------------------------------------------- section 4
@@ -1403,7 +1506,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--true-fisher", action="store_true", help="add a true-Fisher EK-FAC round (about 1 min)"
     )
     p.add_argument("--skip-memory", action="store_true", help="skip the subprocess section")
-    p.add_argument("--sections", default="1,2,3,4", help="comma-separated sections to run")
+    p.add_argument("--sections", default="1,2,3,4,5", help="comma-separated sections to run")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1466,6 +1569,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 s3, r3 = section_memory(cfg, model_path)
             print(s3, flush=True)
             texts.append(s3)
+        if "5" in sections:
+            s5, _ = section_kfac_self(cfg, model, data, model_path)
+            print(s5, flush=True)
+            texts.append(s5)
         if "4" in sections and selfs:
             s4 = section_quality(cfg, model, data, selfs)
             print(s4, flush=True)

@@ -81,7 +81,7 @@ except ImportError:  # pragma: no cover - the benchmark needs the reference
 
 from lightning_memo.leace import LeaceFitter
 
-BATCH = 256
+BATCH = 1024
 FIT_TARGET = 1.0  # ours / reference throughput (issue: "at least the reference's speed")
 TRAIN_TARGET = 1.05
 LAYER = "net.1"
@@ -108,7 +108,7 @@ class Sizes:
 FULL = Sizes(
     dims=(768, 4096),
     ks=(2, 10),
-    samples={768: 20480, 4096: 3072},
+    samples={768: 20480, 4096: 4096},
     apply_rows=4096,
     apply_calls={768: 30, 4096: 10},
     train_n=20000,
@@ -188,7 +188,20 @@ class Impl:
 
 
 def fit_impls() -> List[Impl]:
-    out = [Impl("ours", "float64 stats, int classes", lambda d, k: LeaceFitter(d, k), False)]
+    out = [
+        Impl(
+            "ours",
+            "default: float32 products -> float64 stats, int classes",
+            lambda d, k: LeaceFitter(d, k),
+            False,
+        ),
+        Impl(
+            "ours f64",
+            'precision="float64": float64 products',
+            lambda d, k: LeaceFitter(d, k, precision="float64"),
+            False,
+        ),
+    ]
     if ce is not None:
         out += [
             Impl(
@@ -221,6 +234,8 @@ def time_fit(impl: Impl, d: int, k: int, data: List[Tuple[torch.Tensor, ...]]) -
     t0 = time.perf_counter()
     for b in data:
         f.update(*pick(b))
+    if isinstance(f, LeaceFitter):
+        _ = f.n  # flushes a pending float32 window: the statistics are complete
     return time.perf_counter() - t0, f
 
 
@@ -323,6 +338,7 @@ def bench_apply(
             x, _ = make_features(sizes.apply_rows, d, k, seed=10_000 + d + k)
             ours = fitters[(d, k, "ours")]
             er = {"ours": ours.eraser}
+            ours64 = fitters[(d, k, "ours f64")].eraser.to(dtype=torch.float64)
             if ce is not None:
                 er["ref f32"] = fitters[(d, k, "ref f32")].eraser
                 er["ref f64"] = fitters[(d, k, "ref f64")].eraser
@@ -344,6 +360,11 @@ def bench_apply(
                     "cols": {n: _stored_cols(e) for n, e in er.items()},
                     "trace_mix": ours.trace_mix,
                 }
+                o64 = ours64(x.double())
+                ours_d = ours.eraser.to(dtype=torch.float64)(x.double())
+                row["out_vs_ours64"] = _max_row_rel(ours_d, o64)
+                row["edit_vs_ours64"] = _fro_rel(x.double() - ours_d, x.double() - o64)
+                row["out32_vs_ours64"] = _max_row_rel(outs["ours"], o64)
                 if ce is not None:
                     exact = er["ref f64"](x.double())  # reference in float64, output float64
                     row["out_vs_ref32"] = _max_row_rel(outs["ours"], outs["ref f32"])
@@ -555,6 +576,82 @@ def bench_profile(
     return out
 
 
+def wide_variance_features(
+    n: int, d: int, k: int, seed: int, rotate: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Features whose variances span 1e5 (logspace(0, 5)), no dominant shared component:
+    independent coordinates, optionally rotated by a Haar-random orthogonal matrix; class means
+    (scale 0.3) and a +0.5 offset as in :func:`make_features`."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(0, k, (n,), generator=g)
+    x = torch.randn(n, d, generator=g) * torch.logspace(0, 5, d).sqrt()
+    if rotate:
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        x = x @ q.T
+    x += torch.randn(k, d, generator=g)[z] * 0.3 + 0.5
+    return x.float(), z
+
+
+def bench_other(sizes: Sizes, log: Callable) -> List[Dict[str, Any]]:
+    """Accuracy of the float32 paths on features with a wide but unstructured spectrum."""
+    d, k = sizes.dims[0], 2
+    n = sizes.samples[d]
+    rows = []
+    datasets = [
+        ("activation-like (section 1-3 generator)", lambda: make_features(n, d, k, seed=d + k)),
+        ("variances span 1e5, independent", lambda: wide_variance_features(n, d, k, 1, False)),
+        ("variances span 1e5, rotated", lambda: wide_variance_features(n, d, k, 2, True)),
+    ]
+    for name, make in datasets:
+        x, z = make()
+        xt = x[: sizes.apply_rows]
+        ours = _stream_fit(LeaceFitter(d, k), x, z)
+        ours64 = _stream_fit(LeaceFitter(d, k, precision="float64"), x, z)
+        o64 = ours64.eraser.to(dtype=torch.float64)(xt.double())
+        sigma = ours64.sigma_xx
+        ev = torch.linalg.eigvalsh(sigma)
+        row = {
+            "data": name,
+            "cond": float(ev[-1] / ev[0]),
+            "ours": _max_row_rel(ours.eraser.to(dtype=torch.float64)(xt.double()), o64),
+        }
+        if ce is not None:
+            zo = torch.nn.functional.one_hot(z, k).float()
+            r32, r64 = ce.LeaceFitter(d, k, dtype=torch.float32), ce.LeaceFitter(d, k, dtype=F64)
+            for i in range(0, x.shape[0], BATCH):
+                r32.update(x[i : i + BATCH], zo[i : i + BATCH])
+                r64.update(x[i : i + BATCH], zo[i : i + BATCH])
+            exact = r64.eraser(xt.double())
+            row["ref32"] = _max_row_rel(r32.eraser(xt), exact)
+            row["ours_vs_ref64"] = _max_row_rel(ours.eraser.to(dtype=F64)(xt.double()), exact)
+        rows.append(row)
+        log(f"  other features {name}: {row}")
+    return rows
+
+
+F64 = torch.float64
+
+
+def _stream_fit(f: LeaceFitter, x: torch.Tensor, z: torch.Tensor) -> LeaceFitter:
+    for i in range(0, x.shape[0], BATCH):
+        f.update(x[i : i + BATCH], z[i : i + BATCH])
+    return f
+
+
+def other_table(rows: List[Dict[str, Any]]) -> List[str]:
+    head = "| features | condition number of S_xx | ours (float32 products) vs ours f64"
+    head += " | ours vs ref f64 | ref f32 vs ref f64 |" if ce is not None else " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = f"| {r['data']} | {r['cond']:.1e} | {r['ours']:.1e}"
+        if ce is not None:
+            line += f" | {r['ours_vs_ref64']:.1e} | {r['ref32']:.1e} |"
+        else:
+            line += " |"
+        lines.append(line)
+    return lines
+
+
 def profile_table(prof: Dict[int, List[Tuple[str, str, float, int]]]) -> List[str]:
     lines = [
         "| d | op | input shapes | share of self CPU time | calls per update |",
@@ -650,6 +747,7 @@ def solve_table(sizes: Sizes, solve: Dict[Tuple[int, int, str], List[float]]) ->
 def apply_table(rows: List[Dict[str, Any]], sizes: Sizes) -> List[str]:
     names = ["ours"] + (["ref f32", "ref f64"] if ce is not None else [])
     head = "| d | k | " + " | ".join(f"{n} ms (rank/cols)" for n in names)
+    head += " | out: ours vs ours f64 | edit: ours vs ours f64"
     if ce is not None:
         head += " | ours / ref f32 | out: ours vs ref f32 | out: ours vs ref f64"
         head += " | out: ref f32 vs ref f64 | edit: ours vs ref f32 | edit: ours vs ref f64"
@@ -662,6 +760,7 @@ def apply_table(rows: List[Dict[str, Any]], sizes: Sizes) -> List[str]:
         row = f"| {r['d']} | {r['k']} | " + " | ".join(
             f"{t[n] * 1e3:.2f} ({r['ranks'][n]}/{r['cols'][n]})" for n in names
         )
+        row += f" | {r['out_vs_ours64']:.1e} | {r['edit_vs_ours64']:.1e}"
         if ce is not None:
             row += (
                 f" | {t['ours'] / t['ref f32']:.2f} | {r['out_vs_ref32']:.1e} | "
@@ -730,6 +829,7 @@ def build_report(
     apply_rows: Optional[List] = None,
     train: Optional[Dict] = None,
     prof: Optional[Dict] = None,
+    other: Optional[List] = None,
 ) -> str:
     out = [
         "# LEACE benchmarks: `lightning_memo` vs `concept-erasure`",
@@ -757,10 +857,13 @@ def build_report(
             "",
             "Rows fed per repeat: "
             + ", ".join(f"{sizes.samples[d]:,} at d = {d}" for d in sizes.dims)
-            + f"; best of {args.repeats} repeats. `vs ref` > 1 means ours is faster. Our fitter "
-            "always accumulates in float64 (by design: exact Chan merge of batches and DDP "
-            "ranks), so `ref f64` is the apples-to-apples row and `ref f32` is the reference's "
-            "default. GEMM GFLOP/s = 2 d^2 x samples/s (the full X^T X product per batch).",
+            + f"; best of {args.repeats} repeats, the final flush of our float32 window "
+            "included. `vs ref` > 1 means ours is faster. `ours` is the default for float32 "
+            "input: float32 products of centred batches (only the upper block-triangle of the "
+            "symmetric X^T X), flushed every 1,024 rows into float64 statistics (exact Chan "
+            'merge of batches and DDP ranks); `ours f64` (`precision="float64"`) forms every '
+            "product in float64 as before. `ref f32` is the reference's default. GEMM GFLOP/s = "
+            "2 d^2 x samples/s (the full X^T X product per batch, whatever is computed).",
             "",
         ]
         out += fit_table(sizes, rates)
@@ -784,7 +887,9 @@ def build_report(
             "factors when its trace constraint acts). Agreement: `out` = max over rows of "
             "||a - b|| / ||b|| for the erased features; `edit` = ||a - b||_F / ||b||_F for the "
             "edits x - r(x) (a stricter view: the edit is small next to x). `ref f64` is applied "
-            "in float64 and is the most accurate answer.",
+            "in float64 and is the most accurate answer. `ours vs ours f64`: our default "
+            "(float32 products) against our float64 products, both erasers applied in float64 "
+            "(the error of the float32 products alone).",
             "",
         ]
         out += apply_table(apply_rows, sizes)
@@ -810,7 +915,10 @@ def build_report(
                 )
                 + ". The features are ill-conditioned (as activations are), and an eigh/whitening "
                 "in float32 loses the small-variance directions; accumulation in float32 costs "
-                "less. Ours (float64 statistics and solve, float32 factors) matches `ref f64`.",
+                "less. Ours solves in float64 from float64 statistics; its float32 products cost "
+                "the `ours vs ours f64` column: ~1e-5 here (condition number ~1e5; the error of "
+                "float32 accumulation inside the GEMM, amplified by the whitening), so the 1e-6 "
+                "target is missed on these features and met on those of section 6.",
             ]
         out.append("")
     if train is not None:
@@ -833,15 +941,33 @@ def build_report(
         out += [
             "## 5. Where our fitter's time goes (`torch.profiler`, k = 2)",
             "",
-            "Top ops of `lightning_memo.LeaceFitter.update` by self CPU time, grouped by input "
-            "shape (B = 256 rows per batch). `aten::mm [[d, 256], [256, d]]` is the float64 "
-            "X^T X product (the unavoidable part); `[[d, d], []]`/`[[d, 1], [d]]` `mul` and "
-            "`[[d, d], [d, d]]` `add`/`add_` are the d x d temporaries of Chan's merge "
-            "(`w * outer(ex, ex)`, `c_xx + ...`, `+=`); `isfinite`/`abs`/`ne`/`eq`/`all` the "
-            "per-batch NaN check.",
+            "Top ops of `lightning_memo.LeaceFitter.update` (default, float32 products) by self "
+            f"CPU time, grouped by input shape (B = {BATCH} rows per batch). `aten::addmm` with "
+            "shapes `[[b, d - a0], [b, B], [B, d - a0]]` are the row blocks of the upper "
+            "block-triangle of X_c^T X_c (the GEMM, float32); `add_` of `[[d, d]]`-sized blocks "
+            "and the rank-2 `addmm` are the flush into the float64 statistics (once per 1,024 "
+            "rows); `sub` / `sum` the centring and the float64 column sums, which also serve as "
+            "the NaN check (no separate isfinite pass).",
             "",
         ]
         out += profile_table(prof)
+        out.append("")
+    if other is not None:
+        d = sizes.dims[0]
+        out += [
+            "## 6. Accuracy is data-dependent: features with a wide but unstructured spectrum",
+            "",
+            f"d = {d}, k = 2, {sizes.samples[d]:,} rows in batches of {BATCH}, outputs compared "
+            f"on {sizes.apply_rows} rows (`out`: max over rows of ||a - b|| / ||b||). The "
+            "activation-like features of sections 1-3 have a rank-32 shared component whose "
+            "variances span 10^3 on top of per-feature scales (condition number ~1e5 with "
+            "structure); the other two have variances spanning 1e5 (logspace(0, 5)) and nothing "
+            "else. `concept-erasure`'s float32 gap of 0.1-0.26 on the first shrinks to a few "
+            "1e-6 on the others, and ours (float32 products) is within 1e-6 of the float64 "
+            "result there.",
+            "",
+        ]
+        out += other_table(other)
         out.append("")
     return "\n".join(out)
 
@@ -855,8 +981,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument(
         "--sections",
-        default="fit,solve,apply,train,profile",
-        help="comma-separated subset of fit,solve,apply,train,profile (solve/apply need fit)",
+        default="fit,solve,apply,train,profile,other",
+        help="comma-separated subset of fit,solve,apply,train,profile,other (solve/apply need fit)",
     )
     args = p.parse_args(argv)
     if args.threads:
@@ -878,7 +1004,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load_start = _load()
     info = machine_info()
     log(f"bench_leace: {info['cpu']}, {info['threads']}, load {load_start}")
-    rates = fitters = solve = apply_rows = train = prof = None
+    rates = fitters = solve = apply_rows = train = prof = other = None
     if "fit" in sections:
         log("1. fitter throughput")
         rates, fitters = bench_fit(sizes, args.repeats, log)
@@ -894,6 +1020,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "profile" in sections:
         log("5. profile of our update")
         prof = bench_profile(sizes, log)
+    if "other" in sections:
+        log("6. accuracy on other features")
+        other = bench_other(sizes, log)
     wall = time.perf_counter() - t_start
     info["cpu use"] = (
         f"process CPU time / (wall time x threads) = "
@@ -901,7 +1030,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "1 on a loaded machine: the process waited for the cores)"
     )
     report = build_report(
-        sizes, args, info, load_start, _load(), wall, rates, solve, apply_rows, train, prof
+        sizes, args, info, load_start, _load(), wall, rates, solve, apply_rows, train, prof, other
     )
     print(report)
     if out_path:

@@ -19,8 +19,9 @@ Two benchmark models (``--model``, default both; all sizes are flags):
   PSMI evaluation, so the overhead ratio is as bad as it gets.
 
 Common to both: cross-entropy, Adam (lr 1e-3), 3 epochs, ``DataLoader`` shuffled with
-``num_workers=0``; monitor evaluated at every epoch (``every_n_epochs=1``), ``n_estimators=2000``
-(the monitor's default; also 500 for context), ``progress=False``; Trainer
+``num_workers=0``; monitor evaluated at every epoch (``every_n_epochs=1``), ``n_estimators=1000``
+with ``directions="orthogonal"`` (the monitor's defaults; also 2000 Gaussian directions, the
+paper's setting and the earlier default, for context), ``progress=False``; Trainer
 ``accelerator="cpu"``, ``devices=1``, ``logger=False`` by default (``--logger tb``: a
 ``TensorBoardLogger`` in a temporary folder, which adds the monitor's histograms and text table),
 ``enable_progress_bar=False``, ``enable_checkpointing=False``, ``enable_model_summary=False``;
@@ -38,7 +39,7 @@ ratio of minima and the CPU-time ratio.
 Breakdown of each monitor configuration (medians over repeats, seconds per fit):
 
 * ``epoch_end``: inside the monitor's ``on_train_epoch_end`` (all evaluated epochs), split into
-  ``eval pass`` (``source="eval"`` only: the extra no-grad pass over the training set),
+  ``eval pass`` (``source="eval"`` only: the extra forward-only pass over the training set),
   ``PSMI`` (``_score_layer``: masks + ``PSMI.fit_transform``), ``files`` (``_write_files``: the
   per-epoch CSV, flagged.csv, history.json) and ``rest`` (gathers, flags, logging);
 * ``hooks``: measured time of the monitor's training-loop work: ``on_train_start``,
@@ -48,7 +49,8 @@ Breakdown of each monitor configuration (medians over repeats, seconds per fit):
 * ``unaccounted``: (monitor fit - paired baseline fit) - ``epoch_end`` - ``hooks`` (Lightning's
   callback dispatch, the forward-hook call itself, cache effects, and noise).
 
-A standalone ``lightning_memo.PSMI(n_estimators=m, return_full=False).fit_transform`` on the
+A standalone ``lightning_memo.PSMI(n_estimators=m, directions=..., return_full=False)
+.fit_transform`` on the
 ``(N, d)`` features captured at the last epoch is timed too (``PSMI alone``).
 
 Usage::
@@ -99,7 +101,7 @@ class Sizes:
     hidden: int  # MLP hidden width / transformer d_model: the monitored feature dim d
     batch: int
     epochs: int
-    estimators: Tuple[int, int]  # (main, context)
+    estimators: Tuple[Tuple[int, str], Tuple[int, str]]  # (main, context): (m, directions)
     in_dim: int = 0  # MLP input dim
     vocab: int = 0  # transformer: vocabulary, sequence length, layers, heads, feed-forward width
     seq_len: int = 0
@@ -281,7 +283,7 @@ BENCHES = {
             hidden=128,
             batch=64,
             epochs=3,
-            estimators=(2000, 500),
+            estimators=((1000, "orthogonal"), (2000, "gaussian")),
             vocab=1000,
             seq_len=32,
             n_layers=2,
@@ -294,7 +296,7 @@ BENCHES = {
             hidden=32,
             batch=64,
             epochs=2,
-            estimators=(200, 50),
+            estimators=((100, "orthogonal"), (200, "gaussian")),
             vocab=1000,
             seq_len=16,
             n_layers=2,
@@ -315,11 +317,17 @@ BENCHES = {
             hidden=512,
             batch=128,
             epochs=3,
-            estimators=(2000, 500),
+            estimators=((1000, "orthogonal"), (2000, "gaussian")),
             in_dim=256,
         ),
         quick=Sizes(
-            n=512, n_classes=10, hidden=64, batch=128, epochs=2, estimators=(200, 50), in_dim=32
+            n=512,
+            n_classes=10,
+            hidden=64,
+            batch=128,
+            epochs=2,
+            estimators=((100, "orthogonal"), (200, "gaussian")),
+            in_dim=32,
         ),
         make_data=make_mlp_dataset,
         make_model=lambda s: BenchMLP(s.in_dim, s.hidden, s.n_classes),
@@ -386,6 +394,7 @@ class Config:
     name: str
     source: Optional[str] = None
     n_estimators: int = 0
+    directions: str = "orthogonal"
     times: List[float] = field(default_factory=list)
     cpu: List[float] = field(default_factory=list)  # process CPU seconds (less sensitive to load)
     paired: List[float] = field(default_factory=list)  # paired baseline time of each run
@@ -399,7 +408,7 @@ class Result:
     bench: Bench
     sizes: Sizes
     configs: List[Config]
-    psmi_alone: Dict[int, float]
+    psmi_alone: Dict[Tuple[int, str], float]  # (m, directions) -> seconds per call
     feat_shape: Tuple[int, int]
     wall: float
 
@@ -410,6 +419,7 @@ def fit_once(
     sizes: Sizes,
     source: Optional[str],
     n_estimators: int,
+    directions: str,
     logger: str,
     epochs: int,
     seed: int,
@@ -431,6 +441,7 @@ def fit_once(
                 pooling="mean",
                 every_n_epochs=1,
                 n_estimators=n_estimators,
+                directions=directions,
                 seed=seed,
                 progress=False,
             )
@@ -456,11 +467,14 @@ def fit_once(
     return secs, cpu, monitor
 
 
-def time_psmi_alone(feats: torch.Tensor, labels: torch.Tensor, m: int, repeats: int) -> float:
-    """Median seconds of ``PSMI(n_estimators=m).fit_transform`` on ``feats: (N, d)``."""
+def time_psmi_alone(
+    feats: torch.Tensor, labels: torch.Tensor, m: int, directions: str, repeats: int
+) -> float:
+    """Median seconds of ``PSMI(n_estimators=m, directions=...).fit_transform`` on
+    ``feats: (N, d)``."""
     out = []
     for r in range(repeats):
-        est = PSMI(n_estimators=m, seed=r, return_full=False)
+        est = PSMI(n_estimators=m, seed=r, directions=directions, return_full=False)
         t0 = time.perf_counter()
         est.fit_transform(feats, labels)
         out.append(time.perf_counter() - t0)
@@ -471,34 +485,34 @@ def run_bench(bench: Bench, sizes: Sizes, args: argparse.Namespace) -> Result:
     """Warm-up, ``args.repeats`` alternating rounds and the standalone PSMI timing of one model."""
     t_start = time.perf_counter()
     ds = bench.make_data(sizes, args.seed)
-    m_main, m_ctx = sizes.estimators
     configs = [Config("baseline (no monitor)")]
-    for m in (m_main, m_ctx):
-        for src in ("train", "eval"):
-            configs.append(Config(f'source="{src}", n_estimators={m}', src, m))
+    for m, kind in sizes.estimators:
+        for src in ("eval", "train"):
+            configs.append(Config(_config_name(src, m, kind), src, m, kind))
 
-    def fit(source: Optional[str], m: int, epochs: int) -> Tuple[float, float, Any]:
-        return fit_once(ds, bench, sizes, source, m, args.logger, epochs, args.seed)
+    def fit(source: Optional[str], m: int, kind: str, epochs: int) -> Tuple[float, float, Any]:
+        return fit_once(ds, bench, sizes, source, m, kind, args.logger, epochs, args.seed)
 
     print(f"[{bench.key}] warm-up ({sizes.n} samples, 1 epoch) ...", flush=True)
-    fit(None, 0, 1)
-    fit("train", m_ctx, 1)
-    fit("eval", m_ctx, 1)
+    m_ctx, kind_ctx = sizes.estimators[1]
+    fit(None, 0, "", 1)
+    fit("train", m_ctx, kind_ctx, 1)
+    fit("eval", m_ctx, kind_ctx, 1)
 
     feats = labels = None
     for r in range(args.repeats):
         for c in configs[1:]:
-            tb, cb, _ = fit(None, 0, sizes.epochs)
+            tb, cb, _ = fit(None, 0, "", sizes.epochs)
             configs[0].times.append(tb)
             configs[0].cpu.append(cb)
-            tm, cm, mon = fit(c.source, c.n_estimators, sizes.epochs)
+            tm, cm, mon = fit(c.source, c.n_estimators, c.directions, sizes.epochs)
             c.times.append(tm)
             c.cpu.append(cm)
             c.paired.append(tb)
             c.parts.append(dict(mon.timings))
             print(
                 f"[{bench.key}] round {r + 1}/{args.repeats}: baseline {tb:6.2f} s | "
-                f"{c.name:<34} {tm:6.2f} s (x{tm / tb:.2f}; epoch_end "
+                f"{c.name:<44} {tm:6.2f} s (x{tm / tb:.2f}; epoch_end "
                 f"{mon.timings['epoch_end']:.2f} s, PSMI {mon.timings['psmi']:.2f} s)",
                 flush=True,
             )
@@ -510,11 +524,14 @@ def run_bench(bench: Bench, sizes: Sizes, args: argparse.Namespace) -> Result:
     if feats is None:  # fall back to synthetic ReLU features
         feats = torch.randn(sizes.n, sizes.hidden).relu_()
         labels = torch.randint(0, sizes.n_classes, (sizes.n,))
-    psmi_alone = {m: time_psmi_alone(feats, labels, m, args.repeats) for m in (m_main, m_ctx)}
-    for m, s in psmi_alone.items():
+    psmi_alone = {
+        (m, kind): time_psmi_alone(feats, labels, m, kind, args.repeats)
+        for m, kind in sizes.estimators
+    }
+    for (m, kind), s in psmi_alone.items():
         print(
-            f"[{bench.key}] PSMI alone on {tuple(feats.shape)}, n_estimators={m}: {s:.2f} s per "
-            "call",
+            f"[{bench.key}] PSMI alone on {tuple(feats.shape)}, {_est_name(m, kind)}: {s:.2f} s "
+            "per call",
             flush=True,
         )
     shape = (int(feats.shape[0]), int(feats.shape[1]))
@@ -555,13 +572,26 @@ def machine_info() -> Dict[str, str]:
     }
 
 
+def _est_name(m: int, kind: str) -> str:
+    return f'n_estimators={m}, directions="{kind}"'
+
+
+def _config_name(source: str, m: int, kind: str) -> str:
+    return f'source="{source}", {_est_name(m, kind)}'
+
+
+def _is_main(res: Result, c: Config) -> bool:
+    return (c.n_estimators, c.directions) == res.sizes.estimators[0]
+
+
 def _med(xs: List[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
 def _verdict(res: Result, c: Config, quick: bool) -> str:
-    """Target verdict of a monitor configuration at the main ``n_estimators``, else "(context)"."""
-    if c.n_estimators != res.sizes.estimators[0]:
+    """Target verdict of a monitor configuration at the main estimator setting, else
+    "(context)"."""
+    if not _is_main(res, c):
         return "(context)"
     target = TARGETS[c.source]
     ratio = _med(c.times) / _med(res.configs[0].times)
@@ -572,7 +602,7 @@ def _verdict(res: Result, c: Config, quick: bool) -> str:
 
 
 def summary_table(results: List[Result], quick: bool) -> str:
-    """One row per model and monitor configuration at the main ``n_estimators``."""
+    """One row per model and monitor configuration at the main estimator setting."""
     lines = [
         "| model | configuration | s / epoch (baseline) | ratio | paired ratios | CPU-time ratio "
         "| target |",
@@ -582,7 +612,7 @@ def summary_table(results: List[Result], quick: bool) -> str:
         base = res.configs[0]
         b_epoch = _med(base.times) / res.sizes.epochs
         for c in res.configs[1:]:
-            if c.n_estimators != res.sizes.estimators[0]:
+            if not _is_main(res, c):
                 continue
             pr = [t / p for t, p in zip(c.times, c.paired)]
             lines.append(
@@ -635,7 +665,8 @@ def breakdown_table(res: Result) -> str:
         left = _med(
             [t - p - q["epoch_end"] - q["hooks"] for t, p, q in zip(c.times, c.paired, c.parts)]
         )
-        alone = res.psmi_alone.get(c.n_estimators, float("nan")) * res.sizes.epochs
+        alone = res.psmi_alone.get((c.n_estimators, c.directions), float("nan"))
+        alone *= res.sizes.epochs
         rows.append(
             f"| {c.name} | {over:.2f} | {ee:.2f} | {ev:.2f} | {ps:.2f} | {fi:.2f} | {rest:.2f} | "
             f"{hk:.2f} | {left:.2f} | {alone:.2f} |"
@@ -654,8 +685,8 @@ def summary_lines(res: Result) -> List[str]:
         f"{(TARGETS['eval'] - 1) * b_epoch:.2f} s (`eval`) of monitor work per evaluated epoch. "
         + "PSMI alone takes "
         + ", ".join(
-            f"{s:.2f} s per epoch at n_estimators={m}"
-            for m, s in sorted(res.psmi_alone.items(), reverse=True)
+            f"{s:.2f} s per epoch at {_est_name(m, kind)}"
+            for (m, kind), s in res.psmi_alone.items()
         )
         + "."
     ]
@@ -681,9 +712,7 @@ def summary_lines(res: Result) -> List[str]:
 def model_section(res: Result, quick: bool) -> List[str]:
     """Paragraphs of one model: description, fit-time table, breakdown, reading."""
     sizes = res.sizes
-    per_call = ", ".join(
-        f"n_estimators={m}: {s:.2f} s" for m, s in sorted(res.psmi_alone.items(), reverse=True)
-    )
+    per_call = ", ".join(f"{_est_name(m, k)}: {s:.2f} s" for (m, k), s in res.psmi_alone.items())
     return [
         f"## {res.bench.title}",
         f"**Benchmark model (`--model {res.bench.key}`).** {res.bench.describe(sizes)} Wall time "
@@ -704,9 +733,11 @@ def build_report(
 ) -> str:
     logger = "`logger=False`" if args.logger == "none" else "a `TensorBoardLogger` in a temp folder"
     cmd = " ".join(["python", "benchmarks/bench_monitor_overhead.py", *sys.argv[1:]])
-    m_main, m_ctx = results[0].sizes.estimators
+    main, ctx = results[0].sizes.estimators
     default_note = (
-        "the monitor default" if m_main == 2000 else "quick stand-in for the default 2000"
+        "the monitor's defaults"
+        if main == (1000, "orthogonal")
+        else "quick stand-in for the defaults, 1000 orthogonal"
     )
     names = " and ".join(f"*{r.bench.title[0].lower()}{r.bench.title[1:]}*" for r in results)
     paras = [
@@ -734,11 +765,12 @@ def build_report(
         "spikes); *CPU-time ratio* = the same ratio of medians with process CPU time (all "
         "threads), less sensitive to other load on the machine. Issue targets: "
         f"<= {TARGETS['train']:.2f}x for `source='train'`, <= {TARGETS['eval']:.2f}x for "
-        f"`source='eval'`, at `n_estimators={m_main}` ({default_note}); "
-        f"`n_estimators={m_ctx}` is context.",
+        f"`source='eval'`, at `{_est_name(*main)}` ({default_note}); "
+        f"`{_est_name(*ctx)}` (the paper's setting and the earlier default) is context.",
         "**Breakdown columns.** *overhead* = monitor fit - paired baseline fit. *epoch_end* = time "
         "inside the monitor's `on_train_epoch_end` (all epochs), split into *eval pass* (the "
-        "extra no-grad pass of `source='eval'`), *PSMI* (`_score_layer`: masks and "
+        "extra forward-only pass of `source='eval'`, under `torch.inference_mode`), *PSMI* "
+        "(`_score_layer`: masks and "
         "`PSMI.fit_transform`), *files* (`epoch_<E>.csv`, `flagged.csv`, `history.json`) and the "
         "*rest* (gathers, flags, `log`). *hooks* = measured time of the monitor's training-loop "
         "work (`on_train_start`, `on_train_epoch_start`, `on_train_batch_start/end` with the "
@@ -746,9 +778,10 @@ def build_report(
         "`source='train'` the feature-buffer writes of the layer hooks). *unaccounted* = "
         "overhead - epoch_end - hooks (callback dispatch, cache effects and noise: a "
         "difference of two fits, so it can be negative). *PSMI alone* = standalone "
-        "`PSMI(n_estimators=m,return_full=False).fit_transform` on the (N, d) features captured "
+        "`PSMI(n_estimators=m, directions=..., return_full=False).fit_transform` on the (N, d) "
+        "features captured "
         "at the last epoch, times the number of epochs.",
-        f"## Summary (n_estimators={m_main})",
+        f"## Summary ({_est_name(*main)})",
         summary_table(results, args.quick),
     ]
     for res in results:

@@ -204,6 +204,16 @@ def extra_pass(owner: object, model: nn.Module) -> Iterator[nn.Module]:
         torch.set_rng_state(rng)
 
 
+class _StopForward(Exception):
+    """Raised by a :class:`FeatureCapture` hook armed with ``stop=True`` once every one of its
+    layers has recorded the batch: the rest of the forward pass (the layers after the deepest
+    captured one, the head) is skipped. :meth:`FeatureCapture.forward` catches it.
+
+    A plain ``Exception`` subclass, not a ``RuntimeError`` / ``ValueError``: the forward wrappers
+    that turn those into clearer errors let it through. A model whose ``forward`` catches every
+    ``Exception`` would swallow it (the pass then simply runs to the end)."""
+
+
 POOLINGS = ("mean", "last", "first", "flatten")
 INPUT_SUFFIX = ":input"
 """Suffix of a layer name that selects the layer's input instead of its output
@@ -707,6 +717,8 @@ class FeatureCapture:
         self._handles: List[OrderedHandle] = []
         self._indices: Optional[torch.Tensor] = None
         self._mask: Optional[torch.Tensor] = None
+        self._stop = False
+        self._fired: set = set()
 
     @property
     def names(self) -> List[str]:
@@ -742,15 +754,39 @@ class FeatureCapture:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def arm(self, indices: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
-        """Record the following forward passes for samples ``indices: (B,)``; ``mask: (B, T)``."""
+    def arm(
+        self, indices: torch.Tensor, mask: Optional[torch.Tensor] = None, stop: bool = False
+    ) -> None:
+        """Record the following forward passes for samples ``indices: (B,)``; ``mask: (B, T)``.
+
+        ``stop=True``: once every layer has recorded, the hook that recorded last raises
+        :class:`_StopForward`, so nothing after the deepest captured layer runs (call the model
+        through :meth:`forward`, which catches it). A layer that runs several times in one pass
+        is then recorded at its first call (without ``stop``: at its last)."""
         self._indices = indices.detach().to(self.device, torch.long)
         self._mask = mask
+        self._stop = bool(stop)
+        self._fired = set()
 
     def disarm(self) -> None:
         """Stop recording (hooks stay registered)."""
         self._indices = None
         self._mask = None
+        self._stop = False
+        self._fired = set()
+
+    @staticmethod
+    def forward(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Tuple[Any, bool]:
+        """``fn(*args, **kwargs)`` (a forward pass), catching :class:`_StopForward`.
+
+        Returns:
+            ``(output, stopped)``: the output, or ``None`` and ``True`` when the pass was stopped
+            after the last captured layer (``arm(..., stop=True)``).
+        """
+        try:
+            return fn(*args, **kwargs), False
+        except _StopForward:
+            return None, True
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: object, output: object) -> None:
@@ -777,6 +813,10 @@ class FeatureCapture:
         with torch.no_grad():
             pooled = pool(out.detach(), self.poolings[name], self._mask)
             self.record(name, self._indices, pooled)
+        if self._stop:
+            self._fired.add(name)
+            if len(self._fired) == len(self.modules):
+                raise _StopForward
 
     # -------------------------------------------------------------- buffers
     def allocate(self, num_samples: int) -> None:
@@ -806,11 +846,16 @@ class FeatureCapture:
                 "callable with a fixed output width."
             )
         if buf is None or buf.shape[1] != pooled.shape[1]:
-            buf = torch.zeros(
-                self.num_samples, pooled.shape[1], dtype=self.dtype, device=self.device
-            )
+            # normal tensors even when the first record runs under torch.inference_mode (an eval
+            # pass): reset() zeroes them in place outside it, which inference tensors refuse
+            with torch.inference_mode(False):
+                buf = torch.zeros(
+                    self.num_samples, pooled.shape[1], dtype=self.dtype, device=self.device
+                )
+                self.seen[name] = torch.zeros(
+                    self.num_samples, dtype=torch.bool, device=self.device
+                )
             self.buffers[name] = buf
-            self.seen[name] = torch.zeros(self.num_samples, dtype=torch.bool, device=self.device)
         seen = self.seen[name]
         again = indices[seen[indices]]
         if again.numel():  # recorded twice in one pass: the later batch overwrote the earlier

@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         choices=["train", "eval"],
         default=_default("memorization", "source"),
-        help="train: score the features of the training steps (no extra pass); eval: score the "
-        "features of an extra pass over the training set in eval mode after each epoch "
-        "(default: train)",
+        help="eval: score the features of an extra pass over the training set in eval mode "
+        "after each epoch (the end-of-epoch model, as in Dentan et al.); train: score the "
+        "features of the training steps (no extra pass) (default: eval)",
     )
 
     e = demos.add_parser(

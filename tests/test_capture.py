@@ -673,3 +673,71 @@ def test_select_and_replace_output():
     assert replace_output([h, a], new, 1)[1] is new
     d = {"h": h, "a": a}
     assert replace_output(d, new, "a") == {"h": h, "a": new} and d["a"] is a  # a copy
+
+
+class _Counted(nn.Module):
+    """Wraps a module and counts its calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_stop_early_skips_everything_after_the_last_captured_layer():
+    """arm(stop=True): the forward ends once every layer has recorded; the features are those of
+    the full pass, the layers after the deepest captured one never run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.ReLU(), _Counted(nn.Linear(8, 6)), _Counted(nn.Linear(6, 3))
+    )
+    x, idx = torch.randn(4, 5), torch.tensor([3, 0, 2, 1])
+    full = FeatureCapture(model, ["0", "2"], num_samples=4)
+    with full:
+        full.arm(idx)
+        out, stopped = full.forward(model, x)
+    assert not stopped and out.shape == (4, 3) and model[3].calls == 1
+    cap = FeatureCapture(model, ["2", "0"], num_samples=4)  # order of names does not matter
+    with cap:
+        cap.arm(idx, stop=True)
+        out, stopped = cap.forward(model, x)
+        assert out is None and stopped
+        assert model[2].calls == 2 and model[3].calls == 1  # the last layer did not run again
+        cap.disarm()
+        out, stopped = cap.forward(model, x)  # disarmed: no stop
+        assert not stopped and model[3].calls == 2
+    for name in ("0", "2"):
+        torch.testing.assert_close(cap.buffers[name], full.buffers[name])
+    # an input layer stops before its layer runs
+    cap = FeatureCapture(model, ["3:input"], num_samples=4)
+    with cap:
+        cap.arm(idx, stop=True)
+        assert cap.forward(model, x) == (None, True)
+    assert model[3].calls == 2
+    torch.testing.assert_close(cap.buffers["3:input"], full.buffers["2"])
+    # a layer that never fires: the pass runs to the end
+    cap = FeatureCapture(model, ["0", "3"], num_samples=4)
+    with cap:
+        cap.arm(idx, stop=True)
+        out, stopped = cap.forward(model[:3], x)
+    assert not stopped and out.shape == (4, 6)
+
+
+def test_buffers_made_under_inference_mode_are_normal_tensors():
+    """The first record of an inference-mode pass allocates the buffers: they must stay normal
+    tensors, so reset() (in place, outside inference mode) and autograd later work."""
+    model = _seq()
+    cap = FeatureCapture(model, ["0"], num_samples=5)
+    with cap, torch.inference_mode():
+        cap.arm(torch.tensor([0, 1]))
+        model(torch.randn(2, 5))
+    assert not cap.buffers["0"].is_inference() and not cap.seen["0"].is_inference()
+    cap.reset()
+    idx, feats = cap.rows("0")
+    assert idx.numel() == 0
+    w = torch.ones(8, requires_grad=True)
+    (cap.buffers["0"] @ w).sum().backward()  # usable in autograd
+    assert w.grad is not None

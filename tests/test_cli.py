@@ -105,15 +105,15 @@ def test_demo_without_a_name_is_the_memorization_demo():
     assert (args.which, args.epochs, args.n_estimators, args.out) == (
         "memorization",
         120,
-        2000,
+        1000,
         "demo_runs",
     )
-    args = parse_args(["demo", "--epochs", "2", "--n-estimators", "100", "--source", "eval"])
+    args = parse_args(["demo", "--epochs", "2", "--n-estimators", "100", "--source", "train"])
     assert (args.which, args.epochs, args.n_estimators, args.source) == (
         "memorization",
         2,
         100,
-        "eval",
+        "train",
     )
     assert parse_args(["demo", "erasure"]).which == "erasure"
     with pytest.raises(SystemExit):  # the default demo's options only
@@ -164,8 +164,8 @@ def test_main_passes_only_the_demos_options(monkeypatch):
         "out_dir": "demo_runs",
         "seed": 0,
         "epochs": 120,
-        "n_estimators": 2000,
-        "source": "train",
+        "n_estimators": 1000,
+        "source": "eval",
     }
 
 

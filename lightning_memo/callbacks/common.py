@@ -59,19 +59,30 @@ def _is_text(value: Any) -> bool:
 
 
 def checked_forward(
-    fn: Callable[[LightningModule, Any], Any], module: LightningModule, batch: Any, who: str
+    fn: Callable[[LightningModule, Any], Any],
+    module: LightningModule,
+    batch: Any,
+    who: str,
+    custom: Optional[bool] = None,
+    hint: str = "",
 ) -> Any:
     """``fn(module, batch)``; a failure says which callback's extra pass could not run the model
-    and what to pass instead (raised at the first training batch, not after an epoch)."""
+    and what to pass instead (raised at the first training batch, not after an epoch).
+
+    ``custom``: whether ``fn`` is the user's ``forward_fn`` (for the message; ``None``: any
+    ``fn``); ``hint``: a sentence added to the message (another way out)."""
     try:
         return fn(module, batch)
     except (TypeError, KeyError, IndexError, ValueError, RuntimeError, AttributeError) as err:
         keys = f" (batch keys: {sorted(map(str, batch))})" if isinstance(batch, dict) else ""
+        mine = bool(fn) if custom is None else custom
         raise ValueError(
-            f"{who} runs extra forward passes with {'forward_fn' if fn else 'the default'} "
-            f"forward, which failed on a training batch{keys}: {type(err).__name__}: {err}. Pass "
+            f"{who} runs extra forward passes with "
+            f"{'forward_fn' if mine else 'the default forward (forward_fn=None)'}, which failed "
+            f"on a training batch{keys}: {type(err).__name__}: {err}. Pass "
             "forward_fn=lambda module, batch: module(...) with the inputs your model takes (dict "
             "batches are called as module(**batch) without the index / label / concept keys)."
+            + (f" {hint}" if hint else "")
         ) from err
 
 

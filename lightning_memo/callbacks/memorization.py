@@ -677,7 +677,15 @@ class MemorizationMonitor(Callback):
         """The eval pass's forward (``forward_fn`` or ``module(inputs)``), with a clear error."""
         skip = [self.index_key, self.label_key]
         fn = self.forward_fn or (lambda m, b: default_forward(m, b, skip))
-        return checked_forward(fn, pl_module, batch, "MemorizationMonitor (source='eval')")
+        return checked_forward(
+            fn,
+            pl_module,
+            batch,
+            "MemorizationMonitor (source='eval')",
+            custom=self.forward_fn is not None,
+            hint="A LightningModule without forward() needs one (or forward_fn=); "
+            "source='train' scores the training passes instead, with no extra forward.",
+        )
 
     # ------------------------------------------------------------------ scoring
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -698,14 +706,23 @@ class MemorizationMonitor(Callback):
             mean, std, info = self._score_layer(feats, seen & known, labels, epoch, li, name)
             scores[name], stds[name] = mean, std
             summary["layers"][name] = info
-        new = self._update_flags(scores[self._flag_layer()], epoch)
+        flag_score = scores[self._flag_layer()]
+        risk = self._risk(flag_score, loss, margin)
+        if self.warn_on == "combined":
+            at_risk = np.nan_to_num(risk, nan=-np.inf) >= self.risk_above
+            new = self._advance_flags(~np.isnan(risk), at_risk, epoch)
+            summary["n_at_risk"] = int(at_risk.sum())
+        else:
+            new = self._update_flags(flag_score, epoch)
         summary["n_flagged"] = int((self.flagged_epoch >= 0).sum())
         summary["new_flagged"] = new.tolist()
         self.history.append(summary)
         self.scores[epoch] = scores
+        if risk is not None:
+            self.risks[epoch] = risk
         self._log(trainer, pl_module, epoch, scores, labels, summary)
         if trainer.is_global_zero:
-            self._write_files(trainer, epoch, scores, stds, labels, known, loss, margin, new)
+            self._write_files(trainer, epoch, scores, stds, labels, known, loss, margin, risk, new)
         if len(new):
             self._warn_flagged(new, epoch)
             if self.on_flag is not None:
@@ -811,6 +828,7 @@ class MemorizationMonitor(Callback):
         est = PSMI(
             n_estimators=self.n_estimators,
             seed=self.direction_seed(epoch, li),
+            directions=self.directions,
             return_full=False,
             **self.psmi_kwargs,
         )
@@ -831,11 +849,35 @@ class MemorizationMonitor(Callback):
         the layer's position, so every rank and a resumed run draw the same directions."""
         return int(np.random.SeedSequence([self.seed, epoch, layer_index]).generate_state(1)[0])
 
+    def _risk(
+        self, flag_score: np.ndarray, loss: torch.Tensor, margin: torch.Tensor
+    ) -> Optional[np.ndarray]:
+        """(N,) :func:`combined_risk` of -PSMI (flag layer), loss and -margin; ``None`` when
+        there is no loss / margin and the warning does not read the risk."""
+        has_base = bool(torch.isfinite(loss).any())
+        if not has_base and self.warn_on != "combined":
+            return None
+        if not has_base:
+            self._warn_once(
+                "risk-psmi-only",
+                "MemorizationMonitor(warn_on='combined'): the model's output is not class logits "
+                "(B, C) indexed by the labels, so there is no loss or margin; the combined risk "
+                "is the normalised rank of -PSMI alone.",
+            )
+        return combined_risk(-flag_score, loss.numpy(), -margin.numpy())
+
     def _update_flags(self, score: np.ndarray, epoch: int) -> np.ndarray:
-        scored = torch.from_numpy(~np.isnan(score))
-        below = torch.from_numpy(np.nan_to_num(score, nan=np.inf) < self.warn_below)
+        """Advance the PSMI early warning with one evaluation's ``score: (N,)`` (NaN: unscored);
+        returns the newly flagged indices."""
+        below = np.nan_to_num(score, nan=np.inf) < self.warn_below
+        return self._advance_flags(~np.isnan(score), below, epoch)
+
+    def _advance_flags(self, scored: np.ndarray, hit: np.ndarray, epoch: int) -> np.ndarray:
+        """One evaluation of the early warning: ``hit: (N,)`` bool at risk this time, counted
+        where ``scored: (N,)``; unscored samples keep their count. Returns the newly flagged."""
+        scored_t, hit_t = torch.from_numpy(scored), torch.from_numpy(hit)
         self.below_count = torch.where(
-            scored, torch.where(below, self.below_count + 1, 0), self.below_count
+            scored_t, torch.where(hit_t, self.below_count + 1, 0), self.below_count
         )
         new = (self.below_count >= self.patience) & (self.flagged_epoch < 0)
         self.flagged_epoch[new] = epoch
@@ -864,9 +906,16 @@ class MemorizationMonitor(Callback):
     def _warn_flagged(self, new: np.ndarray, epoch: int) -> None:
         first = ", ".join(str(i) for i in new[:10])
         more = f" (+{len(new) - 10} more)" if len(new) > 10 else ""
+        if self.warn_on == "combined":
+            what = (
+                f"had a combined risk >= {self.risk_above:g} (-PSMI at layer "
+                f"{self._flag_layer()!r}, loss and -margin)"
+            )
+        else:
+            what = f"had PSMI < {self.warn_below:g} at layer {self._flag_layer()!r}"
         rank_zero_warn(
             f"MemorizationMonitor early warning (epoch {epoch}): {len(new)} training samples have "
-            f"had PSMI < {self.warn_below:g} at layer {self._flag_layer()!r} for {self.patience} "
+            f"{what} for {self.patience} "
             f"evaluations and are likely to be memorized: {first}{more}. All flagged indices: "
             "monitor.flagged; per-sample scores in "
             f"{os.path.join(self.out_dir, f'epoch_{epoch}.csv')}."
@@ -977,6 +1026,7 @@ class MemorizationMonitor(Callback):
         known: torch.Tensor,
         loss: torch.Tensor,
         margin: torch.Tensor,
+        risk: Optional[np.ndarray],
         new: np.ndarray,
     ) -> None:
         names = list(scores)
@@ -989,6 +1039,8 @@ class MemorizationMonitor(Callback):
             header += [f"{name}/psmi_mean", f"{name}/psmi_std"]
         if has_base:
             header += ["loss", "margin"]
+        if risk is not None:
+            header.append("risk")
         header.append("flagged")
         keep = np.nonzero(any_scored | known.numpy())[0]
         cols = [keep.tolist(), labels.numpy()[keep].tolist()]  # columns, then rows: no per-cell
@@ -996,6 +1048,8 @@ class MemorizationMonitor(Callback):
             cols += [scores[name][keep].tolist(), stds[name][keep].tolist()]
         if has_base:
             cols += [loss.numpy()[keep].tolist(), margin.numpy()[keep].tolist()]
+        if risk is not None:
+            cols.append(risk[keep].tolist())
         cols.append((self.flagged_epoch >= 0).numpy()[keep].astype(int).tolist())
         rows = zip(*cols)
         atomic_write_csv(os.path.join(self.out_dir, f"epoch_{epoch}.csv"), header, rows)
@@ -1038,6 +1092,7 @@ class MemorizationMonitor(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
+        self._loader = self._loader_src = None  # persistent workers of the eval pass end here
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.num_training_batches == 0:
@@ -1053,3 +1108,4 @@ class MemorizationMonitor(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
+        self._loader = self._loader_src = None

@@ -32,9 +32,9 @@ __all__ = ["run_memorization_demo"]
 def run_memorization_demo(
     epochs: int = 120,
     out_dir: str = "demo_runs",
-    n_estimators: int = 2000,
+    n_estimators: int = 1000,
     seed: int = 0,
-    source: str = "train",
+    source: str = "eval",
     verbose: bool = True,
 ) -> Dict[str, Any]:
     """Train the digits MLP with the monitor; print and return the per-epoch AUROC table."""

@@ -10,7 +10,7 @@ Math core: torch only.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
 
@@ -19,6 +19,7 @@ from .hessian import _check_damping, check_eigenvalues
 __all__ = ["arnoldi_iteration", "arnoldi_eigen", "arnoldi_embedding"]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[Iterable[Any]], Iterable[Any]]  # wraps an iterable (e.g. tqdm)
 
 
 def arnoldi_iteration(
@@ -28,6 +29,7 @@ def arnoldi_iteration(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: Optional[torch.device] = None,
+    progress: Optional[Progress] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Arnoldi iteration with full re-orthogonalisation (two Gram-Schmidt passes).
 
@@ -38,6 +40,9 @@ def arnoldi_iteration(
             vectors of ``dtype`` on ``device``.
         dim: the operator's size (parameter count P).
         n_iters: number of iterations n (the Krylov dimension, Captum's ``arnoldi_dim``).
+        progress: wraps the iterations' ``range(n_iters)`` for a progress bar, e.g.
+            ``lambda it: tqdm(it, desc="Arnoldi")`` (one Hessian-vector product per step; the
+            bar is closed if the iteration stops early).
 
     Returns:
         ``Q: (n+1, dim)`` with orthonormal rows and the upper-Hessenberg ``Hbar: (n+1, n)`` with
@@ -60,9 +65,29 @@ def arnoldi_iteration(
     hbar = torch.zeros(n_iters + 1, n_iters, dtype=torch.float64)
     q_mat[0] = q / q.norm()
     rel_tol = max(1e-10, 100 * torch.finfo(dtype).eps)
+    steps = progress(range(n_iters)) if progress is not None else range(n_iters)
+    try:
+        return _iterate(matvec, dim, n_iters, q_mat, hbar, rel_tol, steps)
+    finally:
+        close = getattr(steps, "close", None)
+        if callable(close):
+            close()
+
+
+def _iterate(
+    matvec: Matvec,
+    dim: int,
+    n_iters: int,
+    q_mat: torch.Tensor,
+    hbar: torch.Tensor,
+    rel_tol: float,
+    steps: Iterable[int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The iterations of :func:`arnoldi_iteration` over ``steps`` (``range(n_iters)``, wrapped)."""
+    dtype, device = q_mat.dtype, q_mat.device
     scale = 0.0
-    for k in range(n_iters):
-        w = matvec(q_mat[k]).to(device=q.device, dtype=dtype).reshape(-1)
+    for k in steps:
+        w = matvec(q_mat[k]).to(device=device, dtype=dtype).reshape(-1)
         if w.shape[0] != dim:
             raise ValueError(f"matvec returned {w.shape[0]} entries; expected dim={dim}.")
         scale = max(scale, float(w.norm()))
@@ -89,6 +114,7 @@ def arnoldi_eigen(
     force_hermitian: bool = True,
     dtype: torch.dtype = torch.float64,
     device: Optional[torch.device] = None,
+    progress: Optional[Progress] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k (largest magnitude) Ritz pairs of a symmetric operator from an Arnoldi run.
 
@@ -98,6 +124,7 @@ def arnoldi_eigen(
     Args:
         matvec: ``v: (dim,) -> A v: (dim,)``.
         dim: operator size P; n_iters: Krylov dimension (<= dim); top_k: pairs kept (<= n_iters).
+        progress: progress-bar wrapper of the iterations (see :func:`arnoldi_iteration`).
 
     Returns:
         ``eigvals: (k,)`` float64 in descending order and ``eigvecs: (dim, k)`` of ``dtype`` with
@@ -115,7 +142,9 @@ def arnoldi_eigen(
             f"most {n_iters} eigenpairs. Use a smaller top_k or a larger arnoldi_dim (about 3-4x "
             "top_k; Captum's defaults are projection_dim 50 for arnoldi_dim 200)."
         )
-    q_mat, hbar = arnoldi_iteration(matvec, dim, n_iters, seed=seed, dtype=dtype, device=device)
+    q_mat, hbar = arnoldi_iteration(
+        matvec, dim, n_iters, seed=seed, dtype=dtype, device=device, progress=progress
+    )
     n = hbar.shape[1]
     h_n = hbar[:n, :n]
     if force_hermitian:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .grads import (
     SUPPORTED_LAYERS,
+    FactoredGrads,
     LinearGradCapture,
     layer_dims,
     layer_output_grad_rows,
@@ -152,7 +153,23 @@ class GradientFeaturizer:
     def from_linear_io(
         self, inputs: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], scale: float = 1.0
     ) -> torch.Tensor:
-        """Features (B, k) from each Linear layer's input ``a`` and output-gradient ``g``."""
+        """Features (B, k) from each Linear layer's input ``a`` and output-gradient ``g``.
+
+        With projections (the per-step path of online TracIn) every layer writes its block into
+        one (B, k) buffer, ``scale`` and sqrt(lr) folded into the projection of ``a``: three
+        kernels per layer (see :meth:`KroneckerProjector.project`).
+        """
+        if self.layout is None and self.projectors and "_dense" not in self.projectors:
+            first = inputs[next(iter(self.modules))]
+            dt = torch.promote_types(first.dtype, grads[next(iter(self.modules))].dtype)
+            out = torch.empty(first.shape[0], self.dim, dtype=dt, device=first.device)
+            s = 0
+            for name in self.modules:
+                proj = self.projectors[name]
+                c = scale * self.lr_scale.get(name, 1.0)
+                proj.project(inputs[name], grads[name], c, out=out[:, s : s + proj.k])
+                s += proj.k
+            return out
         parts = []
         for name, mod in self.modules.items():
             a, g = inputs[name], grads[name] * scale
@@ -192,13 +209,23 @@ class GradientFeaturizer:
         return row_dot(q, t, self.layout)
 
     def grad_dict(
-        self, model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor]
-    ) -> Dict[str, torch.Tensor]:
+        self,
+        model: nn.Module,
+        batch: Any,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        lazy: bool = False,
+    ) -> Mapping[str, torch.Tensor]:
         """Exact per-sample gradients ``{param name: (B, *param.shape)}`` of a batch at the
-        model's current weights (hooks for Linear layers, torch.func otherwise)."""
+        model's current weights (hooks for Linear layers, torch.func otherwise).
+
+        ``lazy=True`` on the hook path returns a :class:`FactoredGrads` mapping: the layers'
+        inputs and output-gradients, materialised per entry only when read (methods that work
+        from the factors, e.g. K-FAC self-influence, never form the (B, d_out, d_in) tensors)."""
         if not self.linear:
             return per_sample_grads(model, self.params, loss_fn, batch)
         inputs, grads = self._linear_io(model, batch, loss_fn)
+        if lazy:
+            return FactoredGrads(self.modules, inputs, grads, names=self.params)
         out: Dict[str, torch.Tensor] = {}
         for name, mod in self.modules.items():
             w, b = linear_grads_from_io(inputs[name], grads[name], mod.bias is not None)

@@ -10,7 +10,8 @@ a: (B, L, C_in*kh*kw), g: (B, L, C_out) with L output positions, and the weight 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ __all__ = [
     "layer_input_rows",
     "layer_output_grad_rows",
     "linear_grads_from_io",
+    "FactoredGrads",
 ]
 
 SUPPORTED_LAYERS: Tuple[type, ...] = (nn.Linear, nn.Conv2d)
@@ -141,6 +143,69 @@ def linear_grads_from_io(
     g3 = g.reshape(b, -1, g.shape[-1])
     w = torch.einsum("bto,bti->boi", g3, a3)
     return w, (g3.sum(dim=1) if bias else None)
+
+
+class FactoredGrads(Mapping):
+    """Per-sample gradients ``{param name: (B, *param.shape)}`` of ``nn.Linear`` / ``nn.Conv2d``
+    layers, held as their factors and materialised only for the entries that are read.
+
+    ``inputs[layer]`` (B, ..., d_in) and ``grads[layer]`` (B, ..., d_out) as
+    :class:`LinearGradCapture` records them; a method that works from the factors (e.g. K-FAC's
+    self-influence, :meth:`~lightning_memo.influence.kfac.KFAC.self_influence_from_io`) reads
+    them and no (B, d_out, d_in) gradient is ever formed; anything else sees a plain mapping.
+
+    Args:
+        modules: ``{layer name: module}``; inputs, grads: the factors per layer name;
+        names: the parameter names to expose (``"<layer>.weight"`` / ``"<layer>.bias"``; ``None``:
+            all of the layers' trainable parameters).
+    """
+
+    def __init__(
+        self,
+        modules: Dict[str, nn.Module],
+        inputs: Dict[str, torch.Tensor],
+        grads: Dict[str, torch.Tensor],
+        names: Optional[Iterable[str]] = None,
+    ) -> None:
+        self.modules, self.inputs, self.grads = modules, inputs, grads
+        self._owner: Dict[str, Tuple[str, str]] = {}
+        for layer, mod in modules.items():
+            pre = f"{layer}." if layer else ""
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.requires_grad:
+                    self._owner[pre + pname] = (layer, pname)
+        if names is not None:
+            names = list(names)
+            self._owner = {k: self._owner[k] for k in names if k in self._owner}
+        self._cache: Dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._cache:
+            layer, _ = self._owner[key]
+            mod = self.modules[layer]
+            w, b = linear_grads_from_io(self.inputs[layer], self.grads[layer], mod.bias is not None)
+            pre = f"{layer}." if layer else ""
+            if pre + "weight" in self._owner:
+                self._cache[pre + "weight"] = w.reshape(w.shape[0], *mod.weight.shape)
+            if b is not None and pre + "bias" in self._owner:
+                self._cache[pre + "bias"] = b
+        return self._cache[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def layers(self) -> List[str]:
+        """Layer names whose parameters are all exposed (the factors describe them whole)."""
+        out = []
+        for layer, mod in self.modules.items():
+            pre = f"{layer}." if layer else ""
+            want = [pre + n for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+            if all(k in self._owner for k in want):
+                out.append(layer)
+        return out
 
 
 def _is_supported(mod: nn.Module) -> bool:

@@ -430,6 +430,70 @@ class KFAC:
         assert total is not None
         return total.to(dtype)
 
+    @torch.no_grad()
+    def self_influence_from_io(
+        self,
+        a: Dict[str, torch.Tensor],
+        g: Dict[str, torch.Tensor],
+        max_elements: int = 1 << 22,
+    ) -> torch.Tensor:
+        """:meth:`self_influence` from layer inputs ``a: (B, ..., d_in)`` and output-gradients
+        ``g: (B, ..., d_out)`` (as :class:`LinearGradCapture` records them), without forming the
+        per-sample gradients ``G = sum_t g_t [a_t; 1]^T``.
+
+        ``Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T [a_t; 1])^T``: the rows are rotated first. Without
+        positions the rotated gradient is rank one, so ``sum (Q_S^T G Q_A)^2 / (Λ + λ) =
+        sum_{o,i} g~_o^2 a~_i^2 / (Λ + λ)_{oi}`` is one product ``((g~^2) W) . a~^2`` with
+        ``W = 1 / (Λ + λ)``: O(B (d_out + d_in)^2) instead of O(B d_out d_in (d_out + d_in)), and no
+        (B, d_out, d_in) tensor. With positions (sequences, conv patches) the rotated gradient is
+        formed for ``max_elements`` entries at a time.
+
+        Args:
+            a, g: ``{name: tensor}`` for every layer to score (any subset of the tracked ones).
+            max_elements: bound on the (samples, d_out, d_in+1) chunk of the positions case.
+
+        Returns:
+            (B,) in the promoted dtype of the inputs (float32 for float32 / float16 inputs).
+        """
+        self._ready("self_influence()")
+        self._check_names(a, "self_influence_from_io")
+        total: Optional[torch.Tensor] = None
+        dtype = None
+        for n, an in a.items():
+            gn = g[n]
+            d_out, d_in, bias = self.dims[n]
+            if an.shape[-1] != d_in or gn.shape[-1] != d_out:
+                raise ValueError(
+                    f"Layer {n!r}: expected a (..., {d_in}) and g (..., {d_out}), got "
+                    f"{tuple(an.shape)} and {tuple(gn.shape)}."
+                )
+            dtype = torch.promote_types(an.dtype, gn.dtype) if dtype is None else dtype
+            dt = self._compute_dtype(torch.promote_types(an.dtype, gn.dtype))
+            qa, inv, qs = self._precond_factors(n, an.device, dt)
+            b = an.shape[0]
+            a3 = an.detach().reshape(b, -1, d_in).to(dt)
+            g3 = gn.detach().reshape(b, -1, d_out).to(dt)
+            # rotate [a, 1]: a @ Q_A[:d_in] plus the bias row of Q_A
+            at = a3 @ qa[:d_in]
+            if bias:
+                at = at + qa[d_in]
+            gt = g3 @ qs
+            if at.shape[1] == 1:
+                s = ((gt[:, 0].square() @ inv) * at[:, 0].square()).sum(dim=1)
+            else:
+                step = max(1, max_elements // max(1, inv.numel()))
+                s = torch.cat(
+                    [
+                        (torch.bmm(gt[i : i + step].transpose(1, 2), at[i : i + step]).square_()
+                         * inv).sum(dim=(1, 2))
+                        for i in range(0, b, step)
+                    ]
+                )  # fmt: skip
+            total = s if total is None else total + s.to(total.device)
+        if total is None:
+            raise ValueError("self_influence_from_io got no layers.")
+        return total.to(dtype)
+
     # ------------------------------------------------------------------ merge, save, load
     def stats(self, which: str = "all") -> Dict[str, torch.Tensor]:
         """Flat ``{key: tensor}`` of sums and counts (the tensors themselves, on the device they

@@ -93,32 +93,88 @@ class KroneckerProjector:
         self, d_out: int, d_in: int, bias: bool, k: int, seed: int, kind: str = "orthogonal"
     ) -> None:
         self.bias = bias
+        self.d_in = d_in
         din = d_in + int(bias)
         self.k_out, self.k_in = kronecker_dims(k, d_out, din)
         self.p_out = random_matrix(self.k_out, d_out, seed * 2 + 1, kind)
         self.p_in = random_matrix(self.k_in, din, seed * 2 + 2, kind)
+        self._key: Optional[Tuple[torch.device, torch.dtype]] = None
+        self._t: Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]] = ()  # type: ignore
 
     @property
     def k(self) -> int:
         return self.k_out * self.k_in
 
-    def _mats(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.p_out.device != like.device or self.p_out.dtype != like.dtype:
-            self.p_out = self.p_out.to(device=like.device, dtype=like.dtype)
-            self.p_in = self.p_in.to(device=like.device, dtype=like.dtype)
-        return self.p_out, self.p_in
+    def _mats(
+        self, like: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(P_out^T (d_out, k_out), P_in^T without the bias column (d_in, k_in), P_in's bias
+        column (k_in,) or None) on ``like``'s device and dtype, cached. The transposes are views
+        of contiguous (k, d) matrices: BLAS is 2-3x faster on small batches with the narrow
+        factor stored that way (measured: 6 us instead of 16 us for (64, 256) @ (256, 5))."""
+        key = (like.device, like.dtype)
+        if self._key != key:
+            p_out = self.p_out.to(device=like.device, dtype=like.dtype)
+            p_in = self.p_in.to(device=like.device, dtype=like.dtype)
+            self._t = (
+                p_out.contiguous().T,
+                p_in[:, : self.d_in].contiguous().T,
+                p_in[:, self.d_in].contiguous() if self.bias else None,
+            )
+            self._key = key
+        return self._t
+
+    def project(
+        self,
+        a: torch.Tensor,
+        g: torch.Tensor,
+        scale: float = 1.0,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``scale`` times the projected gradient, optionally written into ``out``.
+
+        Without positions (a: (B, d_in), g: (B, d_out)) the per-sample gradient is the rank-one
+        ``g a^T`` and the projection the outer product ``(P_out g)(P_in [a; 1])^T``: one fused
+        ``addmm`` (bias column and ``scale`` folded in), one ``mm`` and one broadcast product.
+
+        Args:
+            a: (B, ..., d_in); g: (B, ..., d_out); scale: a factor (loss reduction, sqrt(lr));
+            out: optional (B, k) destination, e.g. a column block of a wider buffer.
+
+        Returns:
+            (B, k_out * k_in).
+        """
+        b = a.shape[0]
+        dt = torch.promote_types(a.dtype, g.dtype)
+        a, g = a.to(dt), g.to(dt)
+        p_out_t, p_in_w, p_in_b = self._mats(a)
+        dest = out.view(b, self.k_out, self.k_in) if out is not None else None
+        if a.ndim == 2 and g.ndim == 2:
+            if p_in_b is not None:
+                pa = torch.addmm(p_in_b, a, p_in_w, beta=scale, alpha=scale)
+            else:
+                pa = torch.mm(a, p_in_w)
+                if scale != 1.0:
+                    pa.mul_(scale)
+            pg = torch.mm(g, p_out_t)
+            res = torch.mul(pg.unsqueeze(2), pa.unsqueeze(1), out=dest)
+        else:  # positions: sum_t (P_out g_t)(P_in a_t)^T
+            a3 = a.reshape(b, -1, a.shape[-1])
+            g3 = g.reshape(b, -1, g.shape[-1])
+            pa = a3 @ p_in_w  # (B, T, k_in)
+            if p_in_b is not None:
+                pa += p_in_b
+            pg = g3 @ p_out_t  # (B, T, k_out)
+            res = torch.bmm(pg.transpose(1, 2), pa)
+            if scale != 1.0:
+                res.mul_(scale)
+            if dest is not None:
+                res = dest.copy_(res)
+        return res.reshape(b, -1)
 
     def __call__(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """a: (B, ..., d_in), g: (B, ..., d_out) -> (B, k_out * k_in)."""
-        b = a.shape[0]
-        a3 = a.reshape(b, -1, a.shape[-1])
-        g3 = g.reshape(b, -1, g.shape[-1])
-        if self.bias:
-            a3 = torch.cat([a3, a3.new_ones(*a3.shape[:2], 1)], dim=-1)
-        p_out, p_in = self._mats(a3)
-        pa = a3 @ p_in.T  # (B, T, k_in)
-        pg = g3 @ p_out.T  # (B, T, k_out)
-        return torch.einsum("bto,bti->boi", pg, pa).reshape(b, -1)
+        return self.project(a, g)
 
     def full_matrix(self) -> torch.Tensor:
         """(k, d_out * (d_in + bias)) = P_out (x) P_in, for tests on small layers."""

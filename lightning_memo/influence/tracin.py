@@ -13,7 +13,7 @@ product costs ``d_in + d_out`` per layer instead of ``d_in * d_out``.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,7 +50,10 @@ def row_dot(q: torch.Tensor, t: torch.Tensor, layout: Layout = None) -> torch.Te
 def row_sq_norm(t: torch.Tensor, layout: Layout = None) -> torch.Tensor:
     """Squared gradient norm of each row ``t: (m, k)`` -> ``(m,)`` float64 (see :func:`row_dot`)."""
     if layout is None:
-        return t.square().sum(dim=1, dtype=torch.float64)
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.float()
+        # one pass, no (m, k) temporary (float32 rows: float32 accumulation, ~1e-7 relative)
+        return torch.linalg.vector_norm(t, dim=1).to(torch.float64).square_()
     out, s = torch.zeros(t.shape[0], dtype=torch.float64, device=t.device), 0
     for na, ng in layout:
         a2 = t[:, s : s + na].square().sum(dim=1, dtype=torch.float64)
@@ -131,6 +134,43 @@ class GradientStore:
         """(N, k) of checkpoint ``c``."""
         return self._chunks[c]
 
+    def blocks(
+        self, c: int, rows: int, dtype: Optional[torch.dtype] = None
+    ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """``(start, end, rows start:end of checkpoint c)`` in blocks of ``rows``, in ``dtype``.
+
+        A disk-backed store reads each block from its file into one reused buffer (``readinto``,
+        not through the memory map), so reading a whole checkpoint adds one block to the
+        process's resident memory instead of the file's size; written rows are in the page
+        cache, so no flush is needed. In-memory stores yield slices (converted when ``dtype``
+        differs). A block may share memory with the next one: use it (or clone it) before
+        advancing the iterator.
+        """
+        n, k = self.num_samples, self.dim
+        dtype = dtype or self.dtype
+        if self.path is None or c >= len(self._maps) or not hasattr(self._maps[c], "filename"):
+            g = self._chunks[c]
+            for s in range(0, n, rows):
+                yield s, min(n, s + rows), g[s : s + rows].to(dtype)
+            return
+        mm = self._maps[c]
+        np_dtype = mm.dtype
+        buf = np.empty((min(rows, n), k), dtype=np_dtype)
+        row_bytes = k * np_dtype.itemsize
+        with open(mm.filename, "rb", buffering=0) as f:
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                view = buf[: e - s]
+                f.seek(mm.offset + s * row_bytes)
+                mv = memoryview(view.reshape(-1)).cast("B")
+                got = 0
+                while got < len(mv):
+                    r = f.readinto(mv[got:])
+                    if not r:
+                        raise OSError(f"{mm.filename}: short read at row {s}.")
+                    got += r
+                yield s, e, torch.from_numpy(view).to(dtype)
+
     def seen(self, c: int) -> torch.Tensor:
         """(N,) bool: rows written at checkpoint ``c``."""
         return self._seen[c]
@@ -192,14 +232,18 @@ class GradientStore:
 
 
 def tracin_self_influence(
-    store: GradientStore, device: Optional[torch.device] = None
+    store: GradientStore, device: Optional[torch.device] = None, block: int = 16384
 ) -> torch.Tensor:
-    """sum_c lr_c ||g_c(z)||^2 for every training sample: (N,) float64."""
+    """sum_c lr_c ||g_c(z)||^2 for every training sample: (N,) float64.
+
+    Reads the store in blocks of ``block`` rows (see :meth:`GradientStore.blocks`): the extra
+    memory is one block in the work dtype, never a copy of a whole checkpoint.
+    """
     out = torch.zeros(store.num_samples, dtype=torch.float64, device=device)
     work = torch.float64 if store.dtype == torch.float64 else torch.float32
     for c, lr in enumerate(store.lrs):
-        g = store.grads(c).to(device=device, dtype=work)
-        out += lr * row_sq_norm(g, store.layout)
+        for s, e, g in store.blocks(c, block, work):
+            out[s:e] += lr * row_sq_norm(g.to(device=device), store.layout)
     return out
 
 
@@ -227,10 +271,8 @@ def tracin_scores(
     out = torch.zeros(nq, store.num_samples, dtype=work, device=device)
     for c, lr in enumerate(store.lrs):
         q = query_grads[c].to(device=device, dtype=work)
-        g = store.grads(c)
-        for s in range(0, store.num_samples, block):
-            gb = g[s : s + block].to(device=device, dtype=work)
-            out[:, s : s + block] += lr * row_dot(q, gb, store.layout)
+        for s, e, gb in store.blocks(c, block, work):
+            out[:, s:e] += lr * row_dot(q, gb.to(device=device), store.layout)
     return out
 
 

@@ -55,7 +55,10 @@ def test_eval_source_scores_equal_independent_recomputation(tmp_path):
         feats = model.net[:4](x)
         logits = model(x).double()
     mean, std, _ = PSMI(
-        n_estimators=300, seed=mon.direction_seed(2, 0), dtype=torch.float64
+        n_estimators=300,
+        seed=mon.direction_seed(2, 0),
+        dtype=torch.float64,
+        directions="orthogonal",
     ).fit_transform(feats, y)
     order = csv["index"].astype(int)
     np.testing.assert_array_equal(order, np.arange(120))
@@ -92,7 +95,8 @@ def test_train_source_records_training_forward_features(tmp_path):
     x, y = make_data()
     with torch.no_grad():
         f1 = model.net[:2](x)
-    mean, _, _ = PSMI(n_estimators=200, seed=mon.direction_seed(0, 0)).fit_transform(f1, y)
+    est = PSMI(n_estimators=200, seed=mon.direction_seed(0, 0), directions=mon.directions)
+    mean, _, _ = est.fit_transform(f1, y)
     csv = read_csv(tmp_path / "out" / "epoch_0.csv")
     np.testing.assert_allclose(csv["net.1/psmi_mean"], mean.numpy(), atol=1e-5)
     assert "net.3/psmi_mean" in csv and "loss" in csv
@@ -216,7 +220,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_missing_samples_are_counted(tmp_path):
-    mon = MemorizationMonitor(layers=["net.3"], n_estimators=50, output_dir=str(tmp_path / "o"))
+    mon = MemorizationMonitor(
+        layers=["net.3"], source="train", n_estimators=50, output_dir=str(tmp_path / "o")
+    )
     with pytest.warns(UserWarning, match="60 of 120 training samples were never seen"):
         _fit(tmp_path, mon, epochs=1, limit_train_batches=3)
     csv = read_csv(tmp_path / "o" / "epoch_0.csv")
@@ -246,7 +252,9 @@ def test_nonfinite_features_are_excluded_and_counted(tmp_path):
     x, _ = make_data()
     n_bad = int((x[:, 0] > 2.5).sum())
     assert 0 < n_bad < 100
-    mon = MemorizationMonitor(layers=["probe"], n_estimators=50, output_dir=str(tmp_path / "o"))
+    mon = MemorizationMonitor(  # the probe runs in training_step only: the train source
+        layers=["probe"], source="train", n_estimators=50, output_dir=str(tmp_path / "o")
+    )
     with pytest.warns(UserWarning, match=f"{n_bad} samples have NaN/inf features"):
         _fit(tmp_path, mon, epochs=1, model=_NaNModel())
     s = mon.scores[0]["probe"]
@@ -329,6 +337,13 @@ def test_empty_dataloader_is_refused(tmp_path):
         ({"patience": 0}, "patience=0"),
         ({"n_estimators": 0}, "n_estimators=0"),
         ({"layers": []}, "empty"),
+        ({"directions": "sobol"}, "directions='sobol'"),
+        ({"psmi_kwargs": {"directions": "gaussian"}}, "pass directions='gaussian'"),
+        ({"warn_on": "loss"}, "warn_on='loss'"),
+        ({"risk_above": 0.0}, "risk_above=0.0"),
+        ({"risk_above": 1.5}, "risk_above=1.5"),
+        ({"eval_stop_early": True, "source": "train"}, "eval_stop_early=True with source='train'"),
+        ({"eval_stop_early": True, "warn_on": "combined"}, "no loss or margin to combine"),
     ],
 )
 def test_bad_arguments(kwargs, match):

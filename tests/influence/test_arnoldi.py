@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -221,3 +222,52 @@ def test_captum_parity_eigenvalues():
     torch.testing.assert_close(q_ours[0], start / start.norm(), rtol=0, atol=1e-15)
     ours, _ = arnoldi_eigen(hvp, P, n - 1, k)
     torch.testing.assert_close(ours, ls.flip(0), rtol=1e-10, atol=0)
+
+
+def test_progress_wraps_the_iterations_and_is_closed():
+    """``progress`` wraps range(n_iters) (a tqdm bar with one step per Hessian-vector product),
+    leaves the result unchanged and is closed, also when the iteration stops early; the fit of
+    ArnoldiInfluence passes its context's progress."""
+    from tqdm.auto import tqdm
+
+    from lightning_memo.influence.methods import ArnoldiInfluence
+
+    bars = []
+
+    def progress(it):
+        bars.append(tqdm(it, file=io.StringIO()))
+        return bars[-1]
+
+    A = random_symmetric()
+    Q, H = arnoldi_iteration(lambda v: A @ v, 25, 10, seed=3, progress=progress)
+    Q0, H0 = arnoldi_iteration(lambda v: A @ v, 25, 10, seed=3)
+    assert torch.equal(Q, Q0) and torch.equal(H, H0)
+    assert len(bars) == 1 and bars[0].total == 10 and bars[0].n == 10
+
+    class Closing:  # a wrapper that records what happens to it
+        def __init__(self, it):
+            self.it, self.steps, self.closed = it, 0, False
+
+        def __iter__(self):
+            for k in self.it:
+                self.steps += 1
+                yield k
+
+        def close(self):
+            self.closed = True
+
+    seen = []
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(20, 3, generator=g, dtype=DT))
+    B = U @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=DT)) @ U.T
+    Q, _ = arnoldi_iteration(
+        lambda v: B @ v, 20, 10, progress=lambda it: seen.append(Closing(it)) or seen[-1]
+    )
+    assert Q.shape[0] == 4 and seen[0].steps == 4 and seen[0].closed  # breakdown after 4 steps
+
+    model, params, batches, _ = tiny()
+    calls = []
+    ArnoldiInfluence(damping=1e-3, arnoldi_dim=12, arnoldi_k=4).fit(
+        model, params, mse_loss, batches, {"progress": lambda it: calls.append(it) or it}
+    )
+    assert len(calls) == 1 and list(calls[0]) == list(range(12))

@@ -626,3 +626,78 @@ def test_eigenvalue_correction_from_inputs_equals_from_gradients():
         sa, sb = kf_a.stats("eigenvalues"), kf_b.stats("eigenvalues")
         for k in sa:
             torch.testing.assert_close(sb[k].double(), sa[k].double(), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------- self-influence from the factors
+@pytest.mark.parametrize("ekfac", [True, False])
+def test_self_influence_from_io_equals_materialised(ekfac):
+    """K-FAC / EK-FAC self-influence from the layer inputs and output-gradients equals the old
+    path through materialised per-sample gradients: Linear with and without bias, a sequence
+    Linear (positions summed), and a Conv2d (patches), chunked or not, float64 and float32."""
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for shape, bias in (((9,), True), ((9,), False), ((9, 4), True)):
+        lin = nn.Linear(6, 5, bias=bias).double()
+        a = torch.randn(*shape, 6, generator=g, dtype=DT)
+        og = torch.randn(*shape, 5, generator=g, dtype=DT)
+        cases.append(({"l": lin}, {"l": a}, {"l": og}))
+    model = TinyCNN(nn.Conv2d(2, 3, 3, padding=1), hw=5).double()
+    x = torch.randn(6, 2, 5, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=g)
+    mods = {"conv": model.conv, "fc": model.fc}
+    a, og = captured(model, mods, ce_loss, (x, y))
+    cases.append((mods, a, og))
+    for mods, a, og in cases:
+        k = KFAC(mods, ekfac=ekfac, damping=1e-3)
+        k.update_covariances(a, og)
+        k.compute_eigen()
+        grads = hook_grads(a, og, mods)
+        if ekfac:
+            k.update_eigenvalues(grads)
+        old = k.self_influence(grads)
+        new = k.self_influence_from_io(a, og)
+        assert new.dtype == DT and new.shape == old.shape
+        torch.testing.assert_close(new, old, rtol=1e-10, atol=1e-12)
+        tiny = k.self_influence_from_io(a, og, max_elements=1)  # one sample per chunk
+        torch.testing.assert_close(tiny, old, rtol=1e-10, atol=1e-12)
+        a32 = {n: v.float() for n, v in a.items()}
+        g32 = {n: v.float() for n, v in og.items()}
+        got32 = k.self_influence_from_io(a32, g32)
+        assert got32.dtype == torch.float32
+        torch.testing.assert_close(got32.double(), old, rtol=1e-4, atol=1e-6)
+        # a subset of the layers scores that subset
+        first = next(iter(mods))
+        torch.testing.assert_close(
+            k.self_influence_from_io({first: a[first]}, {first: og[first]}),
+            k.self_influence({first: grads[first]}),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+    with pytest.raises(ValueError, match="expected a"):
+        k.self_influence_from_io({"fc": a["fc"][:, :3]}, {"fc": og["fc"]})
+
+
+def test_kfac_influence_self_influence_from_lazy_gradients():
+    """KFACInfluence.self_influence on GradientFeaturizer.grad_dict(lazy=True): the same numbers
+    as on the eager per-sample gradients, and no per-sample gradient is materialised; reading an
+    entry of the lazy mapping gives the eager tensor."""
+    from lightning_memo.influence.features import GradientFeaturizer
+    from lightning_memo.influence.grads import FactoredGrads
+    from lightning_memo.influence.methods import KFACInfluence
+
+    model = mlp((5, 7, 3))
+    x, y = data(24)
+    modules = linear_modules(model)
+    method = KFACInfluence(modules, damping=1e-3, fisher="empirical")
+    method.fit(model, dict(model.named_parameters()), ce_loss, batches_of(x, y, 8))
+    feats = GradientFeaturizer(modules, projection_dim=None)
+    batch = (x[:10], y[:10])
+    eager = feats.grad_dict(model, batch, ce_loss)
+    lazy = feats.grad_dict(model, batch, ce_loss, lazy=True)
+    assert isinstance(lazy, FactoredGrads) and list(lazy) == list(eager)
+    got = method.self_influence(lazy)
+    assert lazy._cache == {}  # nothing materialised
+    torch.testing.assert_close(got, method.self_influence(eager), rtol=1e-10, atol=1e-12)
+    for key in eager:
+        torch.testing.assert_close(lazy[key], eager[key], rtol=0, atol=0)
+    torch.testing.assert_close(method.train_rows(lazy), method.train_rows(eager), rtol=0, atol=0)

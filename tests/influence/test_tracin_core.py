@@ -134,3 +134,23 @@ def test_top_k():
     assert pro.tolist() == [2, 5] and opp.tolist() == [1, 4]
     pro, opp = top_k(s, 10)  # k larger than N: everything, in order
     assert pro.tolist() == [2, 5, 0, 3, 4, 1] and opp.tolist() == [1, 4, 3, 0, 5, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_disk_store_reads_blocks_from_the_file(tmp_path, dtype):
+    """A disk-backed store is read block by block from its files (not through the memory map):
+    the scores and self-influence equal the in-memory store's for any block size, also after
+    reopening from ``state_ref`` with the maps out of reach."""
+    ram, disk = _filled(dtype=dtype), _filled(str(tmp_path / "store"), dtype=dtype)
+    q = [_grads(10 + c, n=4) for c in range(len(LRS))]
+    want_self, want_scores = tracin_self_influence(ram), tracin_scores(ram, q)
+    for block in (1, 5, 16384):
+        torch.testing.assert_close(tracin_self_influence(disk, block=block), want_self)
+        torch.testing.assert_close(tracin_scores(disk, q, block=block), want_scores)
+    reopened = GradientStore.from_state(disk.state_ref())
+    reopened._chunks = [None] * len(LRS)  # any access through the map would fail
+    torch.testing.assert_close(tracin_self_influence(reopened, block=7), want_self)
+    torch.testing.assert_close(tracin_scores(reopened, q, block=7), want_scores)
+    rows = [(s, e, b.clone()) for s, e, b in reopened.blocks(1, 10, torch.float32)]
+    assert [(s, e) for s, e, _ in rows] == [(0, 10), (10, 20), (20, 30), (30, 37)]
+    torch.testing.assert_close(torch.cat([b for _, _, b in rows]), ram.grads(1).float())

@@ -73,6 +73,7 @@ class ArnoldiInfluence(InfluenceMethod):
             seed=self.seed,
             force_hermitian=self.force_hermitian,
             device=dev,
+            progress=context.progress,  # one step per Hessian-vector product
         )
         evals, evecs = drop_negative(evals, evecs, "Arnoldi Hessian")
         order = torch.argsort(evals, descending=True)[: self.arnoldi_k]

@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from ..grads import SUPPORTED_LAYERS
+from ..grads import SUPPORTED_LAYERS, FactoredGrads
 from ..kfac import KFAC, check_kfac_modules, fit_kfac, with_bias_column
 from .base import FitContext, Grads, InfluenceMethod, LossFn
 
@@ -100,7 +100,21 @@ class KFACInfluence(InfluenceMethod):
         return self._flat(self.layer_grads(grads))
 
     def self_influence(self, grads: Grads) -> torch.Tensor:
+        """(B,) float64; from the layers' inputs and output-gradients when ``grads`` holds them
+        (:class:`~lightning_memo.influence.grads.FactoredGrads`, e.g.
+        ``GradientFeaturizer.grad_dict(..., lazy=True)``): no per-sample gradient is formed."""
+        if isinstance(grads, FactoredGrads) and set(self.modules) <= set(grads.layers()):
+            return self.self_influence_from_io(grads.inputs, grads.grads)
         return self.kfac.self_influence(self.layer_grads(grads)).to(torch.float64)
+
+    def self_influence_from_io(
+        self, inputs: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """(B,) float64 self-influence from each layer's input ``(B, ..., d_in)`` and
+        output-gradient ``(B, ..., d_out)`` (see :meth:`KFAC.self_influence_from_io`)."""
+        a = {n: inputs[n] for n in self.modules}
+        g = {n: grads[n] for n in self.modules}
+        return self.kfac.self_influence_from_io(a, g).to(torch.float64)
 
     def hinv_norm(self, grads: Grads) -> torch.Tensor:
         return self.query_rows(grads).to(torch.float64).norm(dim=1)
