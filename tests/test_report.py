@@ -644,3 +644,20 @@ def test_samples_per_folder(tmp_path):
     assert "query one" in open(path).read()
     report(str(tmp_path))  # again: report_files/ is not searched, the page is the same
     assert parse(path).kinds() == ["memorization", "tracin"]
+
+
+def test_report_flag_on_the_callbacks_writes_the_page_at_fit_end(tmp_path):
+    """report=True: the run's report.html exists after fit, with the callback's section."""
+    from lightning_memo import MemorizationMonitor, TracIn
+    from tests.callbacks.helpers import PSMLP, make_loader
+    from tests.callbacks.helpers import trainer as make_trainer
+
+    mon = MemorizationMonitor("net.2", source="eval", n_estimators=50, report=True)
+    tr = TracIn(layers=["net.4"], projection_dim=None, report=True)
+    t = make_trainer(tmp_path, [mon, tr], max_epochs=1)
+    t.fit(PSMLP(), make_loader(n=60, batch_size=20))
+    run_dir = os.path.dirname(os.path.dirname(mon.out_dir))
+    page = os.path.join(run_dir, "report.html")
+    assert os.path.exists(page)
+    html = open(page, encoding="utf-8").read()
+    assert "Memorization" in html and "TracIn" in html

@@ -47,6 +47,7 @@ from .common import (
     sequential_loader,
     show_progress,
 )
+from .reports import maybe_write_report
 
 __all__ = ["ConceptErasure"]
 
@@ -107,6 +108,7 @@ class ConceptErasure(Callback):
         output_dir: folder of ``erasers.pt`` and ``config.json``.
         progress: progress bars on fitting passes; ``None`` follows the Trainer
             (``enable_progress_bar``).
+        report: write / update the run's HTML report (``lightning-memo report``) at fit end.
     """
 
     def __init__(
@@ -134,9 +136,11 @@ class ConceptErasure(Callback):
         probe_samples: int = 4096,
         output_dir: Optional[str] = None,
         progress: Optional[bool] = None,
+        report: bool = False,
         output_index: Optional[int] = None,
     ) -> None:
         super().__init__()
+        self.write_report = bool(report)  # the run's HTML report at fit end
         if output_index is not None:
             if output_key is not None:
                 raise ValueError(
@@ -415,6 +419,9 @@ class ConceptErasure(Callback):
     ) -> None:
         self.remove()
         self._collect, self._z = {}, None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        maybe_write_report(self, trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.remove()

@@ -50,7 +50,7 @@ from .common import (
     sequential_loader,
     show_progress,
 )
-from .reports import write_influence_results
+from .reports import maybe_write_report, write_influence_results
 
 __all__ = ["InfluenceAnalysis"]
 
@@ -98,6 +98,7 @@ class InfluenceAnalysis(Callback):
         cache: reuse saved factors / scores when the configuration and the weights are unchanged.
         run_on_fit_end: run automatically when ``trainer.fit`` ends.
         progress: progress bars; ``None`` follows the Trainer (``enable_progress_bar``).
+        report: write / update the run's HTML report (``lightning-memo report``) at fit end.
         seed: Arnoldi start vector, Fisher label sampling, projections, ensembles.
         relatif_base: the curvature under ``method="relatif"``.
         method_kwargs: further options of the method (e.g. ``{"num_ens": 8}`` for gex,
@@ -141,11 +142,13 @@ class InfluenceAnalysis(Callback):
         cache: bool = True,
         run_on_fit_end: bool = True,
         progress: Optional[bool] = None,
+        report: bool = False,
         seed: int = 0,
         relatif_base: str = "ekfac",
         method_kwargs: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
+        self.write_report = bool(report)  # the run's HTML report at fit end
         if method not in METHODS:
             raise ValueError(f"method={method!r}: use one of {list(METHODS)}.")
         if layers is not None and parameters is not None:
@@ -244,6 +247,7 @@ class InfluenceAnalysis(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.run_on_fit_end:
             self.run(trainer, pl_module)
+        maybe_write_report(self, trainer)
 
     # ------------------------------------------------------------------ the analysis
     def run(

@@ -54,7 +54,7 @@ from .common import (
     sequential_loader,
     show_progress,
 )
-from .reports import write_samples
+from .reports import maybe_write_report, write_samples
 
 __all__ = ["MemorizationMonitor", "combined_risk", "normalised_ranks"]
 
@@ -191,6 +191,7 @@ class MemorizationMonitor(Callback):
             ``directions``, ``memory_budget_mb``).
         progress: progress bar on the ``"eval"`` pass; ``None`` follows the Trainer
             (``enable_progress_bar``).
+        report: write / update the run's HTML report (``lightning-memo report``) at fit end.
     """
 
     def __init__(
@@ -226,9 +227,11 @@ class MemorizationMonitor(Callback):
         feature_dtype: torch.dtype = torch.float32,
         psmi_kwargs: Optional[Dict[str, Any]] = None,
         progress: Optional[bool] = None,
+        report: bool = False,
         top_k: Optional[int] = None,
     ) -> None:
         super().__init__()
+        self.write_report = bool(report)  # the run's HTML report at fit end
         if top_k is not None:
             if n_show != 16:
                 raise ValueError(
@@ -1100,6 +1103,7 @@ class MemorizationMonitor(Callback):
                 "The training dataloader is empty (0 batches), so MemorizationMonitor scored "
                 "nothing; check the dataset, limit_train_batches and drop_last."
             )
+        maybe_write_report(self, trainer)
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException

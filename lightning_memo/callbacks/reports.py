@@ -23,6 +23,7 @@ __all__ = [
     "write_truth",
     "write_influence_results",
     "proponent_images",
+    "maybe_write_report",
     "MAX_TEXT",
 ]
 
@@ -293,3 +294,28 @@ def _record_influence_samples(analysis: Any, order: np.ndarray, train: Any, quer
     if n_q:
         write_samples(analysis.out_dir, {q: qds[q] for q in range(n_q)}, get_in, get_lab,
                       image_shape=analysis.image_shape, name="queries", merge=False)  # fmt: skip
+
+
+def maybe_write_report(callback: Any, trainer: Any) -> Optional[str]:
+    """With ``report=True`` on a callback: write / update ``report.html`` of the run on global
+    rank 0 at fit end (the run folder is the parent of ``lightning_memo/``, else the callback's
+    own folder). Several callbacks with ``report=True`` each rebuild it; the last one's page has
+    everything. A missing matplotlib is a warning, not a failed fit."""
+    if not getattr(callback, "write_report", False) or not trainer.is_global_zero:
+        return None
+    out = getattr(callback, "out_dir", None)
+    if not out:
+        return None
+    parts = os.path.abspath(out).split(os.sep)
+    run_dir = (
+        os.sep.join(parts[: parts.index("lightning_memo")]) if "lightning_memo" in parts else out
+    )
+    from ..report import report  # lazily: the report imports matplotlib
+
+    try:
+        return report(run_dir or os.sep)
+    except ImportError as err:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"{type(callback).__name__}(report=True): no HTML report: {err}")
+        return None

@@ -56,7 +56,7 @@ from .common import (
     sequential_loader,
     show_progress,
 )
-from .reports import write_samples
+from .reports import maybe_write_report, write_samples
 
 __all__ = ["TracIn"]
 
@@ -105,6 +105,7 @@ class TracIn(Callback):
         output_dir: folder of the result files.
         progress: progress bars on checkpoint passes; ``None`` follows the Trainer
             (``enable_progress_bar``).
+        report: write / update the run's HTML report (``lightning-memo report``) at fit end.
     """
 
     def __init__(
@@ -133,8 +134,10 @@ class TracIn(Callback):
         image_shape: Optional[Sequence[int]] = None,
         output_dir: Optional[str] = None,
         progress: Optional[bool] = None,
+        report: bool = False,
     ) -> None:
         super().__init__()
+        self.write_report = bool(report)  # the run's HTML report at fit end
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use 'checkpoints' or 'online'.")
         if checkpoints not in ("epoch_end", "every_n_steps"):
@@ -524,6 +527,7 @@ class TracIn(Callback):
             self._labels, self._labels_seen = merged, seen
         if trainer.is_global_zero:
             self._write(trainer)
+        maybe_write_report(self, trainer)
 
     def _write(self, trainer: Trainer) -> None:
         si = self.self_influence.cpu().numpy()
