@@ -62,6 +62,13 @@ Sections:
    wanted); the child also reports the time of its single cold run.
 4. Quality context: AUROC of each method's self-influence for finding the flipped labels, and the
    per-sample training loss as a baseline.
+5. K-FAC / EK-FAC self-influence of the training set from the layer factors: ``train_pass``
+   without queries with ``grad_dict(..., lazy=True)`` (the layers' inputs and output-gradients,
+   read by ``KFACInfluence.self_influence`` without forming per-sample gradients) against the
+   materialised per-sample gradients (``lazy=False``, the previous path): wall / CPU time in
+   interleaved rounds, agreement, and the peak extra memory of the self-influence pass alone in
+   a fresh process (fit done before the peak is reset). Sections 1-3 use ``lazy=True`` too, as
+   a user of the API would.
 
 Timing protocol: every variant first runs all its phases on a tiny problem (warm-up: imports,
 first-touch allocations, lazy initialisation), then ``--repeats`` rounds (default 3), each

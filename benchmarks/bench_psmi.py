@@ -14,13 +14,23 @@ in row chunks so that no temporary larger than the final tensor is ever allocate
 Sections:
 
 1. Equal directions (default n=10,000, d=768, C=10, m=2,000). One warm-up, then best of
-   ``--repeats`` (variants interleaved within each repeat): the reference on float64 numpy input;
-   ours on float32 and float64 torch input with ``return_full=False``; ours float64 with
-   ``return_full=True``; ours float32 with ``torch.set_num_threads(1)`` (how much the intra-op
-   threads give, and what to expect on a busy machine). Ratio = reference seconds / ours.
-   "Arithmetic limit" = the projection matmul ``x @ theta.T`` alone plus one ``exp`` pass over the
-   ``C * n * m`` density terms (a lower bound: the log-sum-exp needs several elementwise passes).
-   A correctness line compares ours with the reference on the reference's own directions.
+   ``--repeats`` (variants interleaved within each repeat): the reference on float64 numpy input,
+   and ours with the target call, the default ``PSMI(n_estimators=2000).fit_transform(X, y)`` on
+   the same float64 numpy array (float32 arithmetic, full (n, m) output as the reference); ours
+   without the full output, on float32 tensor input, and with ``dtype=torch.float64``; the
+   reference and the default call with torch and numpy's BLAS limited to one thread
+   (threadpoolctl). Ratio = reference seconds / ours. The stage table reads ``PSMI.timings_`` of
+   the default call's fastest run: projection GFLOP/s (2 n d m flops) and density terms per
+   second ((C - 1) n m log-density ratios), against the float32 matmul peak of the same thread
+   count (a 4096 x 4096 product, measured in the same rounds and again at the end). A
+   correctness line compares ours (float64 and float32 arithmetic) with the reference on the
+   reference's own directions.
+1b. Under background load: the default call (and the reference, and ours with its tasks run
+   inline on torch's intra-op threads) timed quiet and with a busy-loop process pinned to the
+   last core with ``taskset``, in interleaved pairs; ratio loaded / quiet (target <= 2x).
+1c. Agreement with the reference at 20,000 independent directions each (n=2,000, d=128, the
+   same generator): Spearman and mean |difference| for ours in float32 and float64 arithmetic
+   (target Spearman >= 0.99, mean |diff| < 0.01).
 2. Convergence. Ground truth = ours in float64 with ``--ref-directions`` (50,000) Gaussian
    directions and a seed no other run uses (so no run shares directions with it). We use ours
    rather than the reference package for it because the reference keeps four ``(n, m)`` float64
@@ -40,10 +50,16 @@ Sections:
    Peak RSS is read as ``VmHWM`` (/proc/self/status), the high-water mark that ``ru_maxrss``
    reports, because ``ru_maxrss`` of a child is also floored at the RSS of the process that
    forked it (here this benchmark, which holds the data and the ground truth). The result of the
-   call is kept alive, so ``return_full=True`` counts its ``(n, m)`` output.
+   call is kept alive, so ``return_full=True`` counts its ``(n, m)`` output. Rows at n=10,000 and
+   at n=100,000 (float64 and float16 input, default budget of 128 MB).
 4. Variance-reduced directions: at equal ``m`` (500, 1,000, 2,000), the mean absolute error against
    the ground truth for Gaussian vs orthogonal directions (ours, float32 input), with the error
    expected for i.i.d. directions, ``sqrt(2/pi) * mean_i(std_i) * sqrt(1/m + 1/M)``.
+5. Other data: the convergence protocol of section 2 on the same generator with the class centres
+   scaled by 0.1 (a weak class signal): a 50,000-direction float64 truth, two independent
+   20,000-direction estimates against each other, ours (Gaussian and orthogonal, m = 1,000 to
+   8,000) and the reference (m = 2,000 and 4,000) against the truth, and the time ratio at
+   matched quality (the smallest orthogonal m whose Spearman reaches the reference's at 4,000).
 
 Threads: torch's default (``torch.get_num_threads()``) unless ``--threads`` is given. The machine's
 load average is printed at start and end: on a shared machine timings are noisy (torch's intra-op

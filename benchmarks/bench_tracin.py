@@ -23,6 +23,9 @@ Sections:
    warm-up fit of every variant, then ``--repeats`` rounds, each running every variant once in
    turn; median seconds per step; ratio = median(variant) / median(no callback), with the range of
    the per-round ratios. Issue target: online with projection <= 1.3x.
+1b. Where the online overhead goes: one more fit with ``TracIn(mode="online")``, the callback's
+   per-step hooks and the featurizer's projection and self-products wrapped with a timer;
+   microseconds per optimizer step, next to the whole-step difference to a fit without it.
 2. Checkpoints mode vs Captum ``TracInCP`` (captum 0.9), on the same model, checkpoints and data.
    The model is trained once for 3 epochs; a callback saves the weights and learning rate at each
    epoch end to files (3 checkpoints), and a ``TracIn(projection_dim=1024, queries=...)`` in the

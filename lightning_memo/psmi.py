@@ -1034,12 +1034,13 @@ class _Engine:
         """pmi of every (row, direction) of the block, reduced to per-row moments.
 
         Per task (rows of one class c): u in place of the projections, then four passes over the
-        (C - 1, r, b) work tensor: two multiply-adds, exp, sum over classes; pmi = -log1p(sum) -
-        log pi_c. A sum that overflows (a sample far from its class) is recomputed afterwards
-        with the max-shifted log-sum-exp (:meth:`_stable_rows`).
+        (C - 1, r, b) work tensor: two multiply-adds, exp, sum over classes; l = log1p(sum) and
+        pmi = -l - log pi_c. A sum that overflows (a sample far from its class) is recomputed in
+        the task with the max-shifted log-sum-exp (:meth:`_stable_rows`). With ``cols``, l is
+        kept in place of u and copied to the full output afterwards (:meth:`_write_full`).
 
         Args:
-            proj: (n, b) class-sorted projections (overwritten by u); means, stds: (C, b) float64;
+            proj: (n, b) class-sorted projections (overwritten); means, stds: (C, b) float64;
             log_priors: (C,); cols: the full output and its first column, or ``None``.
 
         Returns:
@@ -1067,58 +1068,63 @@ class _Engine:
             torch.sum(w, dim=0, out=lg)
             lg.log1p_()
             mean = lg.sum(dim=1).div_(b)
+            if not bool(torch.isfinite(mean).all()):  # a ratio overflowed: rare
+                self._stable_rows(c, u, lg, coef)
+                mean = lg.sum(dim=1).div_(b)
             cen = self.workers.scratch("centred", (e - s, b), self.cdtype, self.device)
             torch.sub(lg, mean.unsqueeze(1), out=cen)
             mean_l[s:e] = mean
             var_l[s:e] = torch.linalg.vector_norm(cen, dim=1).square_().div_(b)
             if cols is not None:
-                self._write_full(cols, s, e, lg, lp[c])
+                u.copy_(lg)
 
         self.workers.map(task, self._tasks(rows), self._parallel(b))
-        bad = ~torch.isfinite(mean_l)
-        if bool(bad.any()):
-            self._stable_rows(torch.nonzero(bad).flatten(), proj, coef, lp, mean_l, var_l, cols)
         lp_row = torch.empty(n, dtype=torch.float64, device=self.device)
         for c, s, e in self.segments:
             lp_row[s:e] = lp[c]
+        if cols is not None:
+            self._write_full(cols, proj, lp_row, b)
         self.timings["density"] += time.perf_counter() - t0
         return -mean_l - lp_row, var_l * b
 
     def _write_full(
-        self, cols: Tuple[torch.Tensor, int], s: int, e: int, lg: torch.Tensor, lp: float
-    ) -> None:
-        full, col = cols
-        pmi = lg.to(full.dtype).neg_().sub_(lp)  # -log1p(sum) <= 0: pmi <= -log pi_c exactly
-        full.narrow(1, col, lg.shape[1]).index_copy_(0, self.order[s:e], pmi)
-
-    def _stable_rows(
         self,
-        rows: torch.Tensor,
-        u_all: torch.Tensor,
-        coef: Dict[int, Tuple[torch.Tensor, ...]],
-        lp: List[float],
-        mean_l: torch.Tensor,
-        var_l: torch.Tensor,
-        cols: Optional[Tuple[torch.Tensor, int]],
+        cols: Tuple[torch.Tensor, int],
+        logs: torch.Tensor,
+        lp_row: torch.Tensor,
+        b: int,
     ) -> None:
-        """Recompute rows whose density-ratio sum overflowed, with the max-shifted form
-        ``log(1 + sum_j e^{r_j}) = M + log(e^{-M} + sum_j e^{r_j - M})``, M = max(0, max_j r_j)."""
-        for c, s, e in self.segments:
-            sel = rows[(rows >= s) & (rows < e)]
-            if sel.numel() == 0:
-                continue
-            _, _, a, bb, k = coef[c]
-            u = u_all[sel]  # already standardised
-            r = (a * u + bb) * u + k  # (C - 1, k, b)
-            top = r.amax(dim=0).clamp_min(0)
-            lg = top + torch.log(torch.exp(-top) + torch.exp(r - top).sum(dim=0))
-            var, mean = torch.var_mean(lg, dim=1, correction=0)
-            mean_l[sel] = mean.double()
-            var_l[sel] = var.double()
-            if cols is not None:
-                full, col = cols
-                pmi = lg.to(full.dtype).neg_().sub_(lp[c])
-                full.narrow(1, col, lg.shape[1]).index_copy_(0, self.order[sel], pmi)
+        """full[:, col:col+b] = -l - log pi_y in the caller's row order, from the class-sorted l:
+        tasks over row ranges gather their rows (a fast row gather, not a scatter into the
+        strided columns) and compute pmi in the output dtype (so pmi <= -log pi_y exactly)."""
+        full, col = cols
+        rows = max(1, self.chunk // max(1, b))
+        lp_orig = lp_row[self.sorted_pos]
+
+        def task(t: Tuple[int, int]) -> None:
+            s, e = t
+            tmp = self.workers.scratch("gather", (e - s, b), self.cdtype, self.device)
+            torch.index_select(logs, 0, self.sorted_pos[s:e], out=tmp)
+            dst = full[s:e, col : col + b]
+            dst.copy_(tmp).neg_().sub_(lp_orig[s:e].unsqueeze(1).to(dst.dtype))
+
+        tasks = [(s, min(self.n, s + rows)) for s in range(0, self.n, rows)]
+        self.workers.map(task, tasks, self._parallel(b))
+
+    @staticmethod
+    def _stable_rows(
+        c: int, u: torch.Tensor, lg: torch.Tensor, coef: Dict[int, Tuple[torch.Tensor, ...]]
+    ) -> None:
+        """Recompute the rows of ``lg`` (one class's task) that are not finite because a density
+        ratio overflowed, with ``log(1 + sum_j e^{r_j}) = M + log(e^{-M} + sum_j e^{r_j - M})``,
+        M = max(0, max_j r_j). u: (r, b) standardised projections of the task's rows."""
+        bad = ~torch.isfinite(lg).all(dim=1)
+        sel = torch.nonzero(bad).flatten()
+        _, _, a, bb, k = coef[c]
+        us = u[sel]
+        r = (a * us + bb) * us + k  # (C - 1, k, b)
+        top = r.amax(dim=0).clamp_min(0)
+        lg[sel] = top + torch.log(torch.exp(-top) + torch.exp(r - top).sum(dim=0))
 
 
 class _DirectionStream:

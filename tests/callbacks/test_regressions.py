@@ -187,7 +187,9 @@ def test_monitor_scores_labels_minus_one_and_plus_one(tmp_path):
     assert not np.isnan(got).any()
     with torch.no_grad():
         feats = model.eval().net[0](x)
-    est = PSMI(n_estimators=64, seed=mon.direction_seed(0, 0), return_full=False)
+    est = PSMI(
+        n_estimators=64, seed=mon.direction_seed(0, 0), directions=mon.directions, return_full=False
+    )
     want = est.fit_transform(feats, y)[0]
     np.testing.assert_allclose(got, want.double().numpy(), rtol=1e-6)
 
