@@ -404,6 +404,7 @@ def test_memory_budget_bounds_peak_allocations():
     peak, largest = _profiled_peak_bytes(call)
     assert peak <= budget_mb * 2**20, peak / 2**20
     assert largest < n * (d - 10) * 4 / 2  # far below one float32 copy of the live columns
+
     # the budget scales the block: a larger budget, larger blocks, same result
     def big():
         est = PSMI(n_estimators=300, seed=0, memory_budget_mb=64, return_full=False)
