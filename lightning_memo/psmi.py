@@ -880,15 +880,25 @@ class _Engine:
         fixed = 8 * n * 8 + 4 * draw_rows * d * 8 + state_bytes
         fixed += threads * _THREAD_OVERHEAD_BYTES
         self.budget_left = budget * 3 / 4 - fixed
+        # small inputs: one class-sorted copy of the live columns in the compute dtype, made once,
+        # when it takes at most a quarter of the budget (then each block is plain GEMMs on it)
+        copy_bytes = n * self.d_live * isz
+        self.xs: Optional[torch.Tensor] = None
+        self._resident = copy_bytes <= budget / 4 and self.budget_left - copy_bytes > 0
+        if self._resident:
+            self.budget_left -= copy_bytes
         self.timings: Dict[str, float] = {"project": 0.0, "density": 0.0}
         self._proj: Optional[torch.Tensor] = None  # the (n, b) projection buffer, reused
 
     def __enter__(self) -> _Engine:
         self.workers.start()
+        if self._resident:
+            self._make_resident()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.workers.stop()
+        self.xs = None
 
     def block_size(self) -> int:
         """Directions per block: the (n, b) projection and the block's directions in budget,
@@ -934,6 +944,25 @@ class _Engine:
         c = w.scratch("convert", (r, self.d_live), self.cdtype, self.device)
         return c.copy_(g)
 
+    def _make_resident(self) -> None:
+        """The class-sorted copy ``xs: (n, d_live)`` in the compute dtype, filled by tasks."""
+        xs = torch.empty(self.n, self.d_live, dtype=self.cdtype, device=self.device)
+        rows = max(1, self.chunk // max(1, self.x.shape[1]))
+
+        def task(t: Tuple[int, int]) -> None:
+            s, e = t
+            g = self.workers.scratch("gather", (e - s, self.x.shape[1]), self.x.dtype, self.device)
+            torch.index_select(self.x, 0, self.order[s:e], out=g)
+            if self.live is not None:
+                g = g[:, self.live]
+            if self.scale != 1.0:
+                g = g.double().mul_(self.scale)
+            xs[s:e].copy_(g)
+
+        tasks = [(s, min(self.n, s + rows)) for s in range(0, self.n, rows)]
+        self.workers.map(task, tasks, self._parallel(64))
+        self.xs = xs
+
     def project(
         self, theta: torch.Tensor, stats: bool
     ) -> Tuple[torch.Tensor, List[Tuple[int, int, torch.Tensor, torch.Tensor]]]:
@@ -959,6 +988,18 @@ class _Engine:
             self._proj = torch.empty(self.n * b, dtype=self.cdtype, device=self.device)
         proj = self._proj[: self.n * b].view(self.n, b)
         rows = max(1, self.chunk // max(1, self.d_live + b))
+        if self.xs is not None:  # resident sorted copy: GEMM and the class moments per task
+            xs = self.xs
+
+            def sorted_task(t: Tuple[int, int, int]) -> Any:
+                c, s, e = t
+                out = proj[s:e]
+                torch.mm(xs[s:e], th_t, out=out)
+                return self._moments(c, out, b) if stats else None
+
+            res = self.workers.map(sorted_task, self._tasks(rows), self._parallel(b))
+            self.timings["project"] += time.perf_counter() - t0
+            return proj, [r for r in res if r is not None]
         dest = self.sorted_pos
 
         def task(t: Tuple[int, int]) -> None:
@@ -975,16 +1016,22 @@ class _Engine:
 
             def moments(t: Tuple[int, int, int]) -> Tuple[int, int, torch.Tensor, torch.Tensor]:
                 c, s, e = t
-                seg = proj[s:e]
-                mean = seg.sum(dim=0).div_(e - s)
-                cen = self.workers.scratch("centred", (e - s, b), self.cdtype, self.device)
-                torch.sub(seg, mean, out=cen)
-                var = torch.linalg.vector_norm(cen, dim=0).square_().div_(e - s)
-                return c, e - s, var, mean
+                return self._moments(c, proj[s:e], b)
 
             parts = self.workers.map(moments, self._tasks(srows), self._parallel(b))
         self.timings["project"] += time.perf_counter() - t0
         return proj, parts
+
+    def _moments(
+        self, c: int, seg: torch.Tensor, b: int
+    ) -> Tuple[int, int, torch.Tensor, torch.Tensor]:
+        """(class, rows, population var (b,), mean (b,)) of rows ``seg: (r, b)`` of one class."""
+        r = seg.shape[0]
+        mean = seg.sum(dim=0).div_(r)
+        cen = self.workers.scratch("centred", (r, b), self.cdtype, self.device)
+        torch.sub(seg, mean, out=cen)
+        var = torch.linalg.vector_norm(cen, dim=0).square_().div_(r)
+        return c, r, var, mean
 
     # ------------------------------------------------------------------ density
     def _coefficients(
@@ -1099,14 +1146,14 @@ class _Engine:
         strided columns) and compute pmi in the output dtype (so pmi <= -log pi_y exactly)."""
         full, col = cols
         rows = max(1, self.chunk // max(1, b))
-        lp_orig = lp_row[self.sorted_pos]
+        neg_lp = (-lp_row[self.sorted_pos]).to(full.dtype).unsqueeze(1)  # (n, 1), caller's order
 
         def task(t: Tuple[int, int]) -> None:
             s, e = t
             tmp = self.workers.scratch("gather", (e - s, b), self.cdtype, self.device)
             torch.index_select(logs, 0, self.sorted_pos[s:e], out=tmp)
-            dst = full[s:e, col : col + b]
-            dst.copy_(tmp).neg_().sub_(lp_orig[s:e].unsqueeze(1).to(dst.dtype))
+            # pmi = -log pi_y - l, computed in the output dtype, one pass into the strided block
+            torch.sub(neg_lp[s:e], tmp, out=full[s:e, col : col + b])
 
         tasks = [(s, min(self.n, s + rows)) for s in range(0, self.n, rows)]
         self.workers.map(task, tasks, self._parallel(b))
