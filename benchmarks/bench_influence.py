@@ -1386,7 +1386,7 @@ def section_quality(
 
 # --------------------------------------------------------------------------- summary
 def summary_text(cfg: Config, r1: Dict[str, Any], r2: Dict[str, Any], r3: Dict[str, Any]) -> str:
-    """The page's top: each issue target, measured value and met / NOT met, and one table."""
+    """The page's top: each target, measured value and met / NOT met, and one table."""
     rows: List[List[str]] = []
     table: List[List[str]] = []
 
@@ -1467,7 +1467,7 @@ def summary_text(cfg: Config, r1: Dict[str, Any], r2: Dict[str, Any], r3: Dict[s
             "between rounds"
         )
     text = "### Summary\n\n" + (
-        md_table(["issue target", "measured", "status"], rows) if rows else "(no target measured)"
+        md_table(["target", "measured", "status"], rows) if rows else "(no target measured)"
     )
     if table:
         text += "\n\n" + md_table(
@@ -1576,14 +1576,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 s3, r3 = section_memory(cfg, model_path)
             print(s3, flush=True)
             texts.append(s3)
-        if "5" in sections:
-            s5, _ = section_kfac_self(cfg, model, data, model_path)
-            print(s5, flush=True)
-            texts.append(s5)
         if "4" in sections and selfs:
             s4 = section_quality(cfg, model, data, selfs)
             print(s4, flush=True)
             texts.append(s4)
+        if "5" in sections:
+            s5, _ = section_kfac_self(cfg, model, data, model_path)
+            print(s5, flush=True)
+            texts.append(s5)
 
     info["load average at end (1/5/15 min)"] = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     wall = time.perf_counter() - t_start

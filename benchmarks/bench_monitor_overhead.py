@@ -59,7 +59,7 @@ Usage::
     python benchmarks/bench_monitor_overhead.py --quick      # < 60 s smoke run, prints only
     python benchmarks/bench_monitor_overhead.py --model transformer --repeats 5 --threads 2
 
-Issue targets (every_n_epochs=1): ratio <= 1.10 for ``source="train"``, <= 1.40 for
+Targets (every_n_epochs=1): ratio <= 1.10 for ``source="train"``, <= 1.40 for
 ``source="eval"``.
 """
 
@@ -597,7 +597,7 @@ def _verdict(res: Result, c: Config, quick: bool) -> str:
     ratio = _med(c.times) / _med(res.configs[0].times)
     verdict = f"<= {target:.2f}: {'met' if ratio <= target else '**missed**'}"
     if quick:
-        verdict += " (quick sizes: not the issue's model)"
+        verdict += " (quick sizes: not the benchmark's model)"
     return verdict
 
 
@@ -763,7 +763,7 @@ def build_report(
         "time); *paired ratios* = range of (monitor fit / the baseline fit just before it); "
         "*ratio of minima* = fastest monitor fit / fastest baseline fit (robust to load "
         "spikes); *CPU-time ratio* = the same ratio of medians with process CPU time (all "
-        "threads), less sensitive to other load on the machine. Issue targets: "
+        "threads), less sensitive to other load on the machine. Targets: "
         f"<= {TARGETS['train']:.2f}x for `source='train'`, <= {TARGETS['eval']:.2f}x for "
         f"`source='eval'`, at `{_est_name(*main)}` ({default_note}); "
         f"`{_est_name(*ctx)}` (the paper's setting and the earlier default) is context.",

@@ -205,7 +205,7 @@ def section_psmi(n: int, d: int, classes: int, m: int, tmp: str, threads: Option
             ],
             rows,
         )
-        + f"\n\nHalf-precision buffers give PSMI within **{worst:.4f}** (mean |diff|) of the "
+        + f"\n\nHalf-precision buffers give PSMI within **{worst:.1e}** (mean |diff|) of the "
         f"float32 buffer (target < 0.01: {'met' if worst < 0.01 else 'missed'}); the difference "
         "is the rounding of the features themselves (float16 keeps 11 significant bits, "
         "bfloat16 8), the arithmetic is float32 in all three. The buffer is read in row chunks, "
@@ -253,7 +253,7 @@ def section_store(n: int, k: int, tmp: str, threads: Optional[int]):
         + f"\n\nThe two agree to {agree:.1e} (max relative). One checkpoint file is "
         f"{n * k * 4 / 2**20:.0f} MB; reading through the memory map makes every page of it "
         "resident in the process (and squaring it in one piece adds a same-sized temporary), "
-        "while the blocked read keeps one 64 MB block.\n"
+        "while the blocked read keeps one 64 MB block (plus the (N,) result).\n"
     )
     return text, {"write": w, **res}
 

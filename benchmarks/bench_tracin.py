@@ -22,7 +22,7 @@ Sections:
    end-of-fit file writes are excluded; reported per optimizer step. Protocol: one untimed
    warm-up fit of every variant, then ``--repeats`` rounds, each running every variant once in
    turn; median seconds per step; ratio = median(variant) / median(no callback), with the range of
-   the per-round ratios. Issue target: online with projection <= 1.3x.
+   the per-round ratios. Target: online with projection <= 1.3x.
 1b. Where the online overhead goes: one more fit with ``TracIn(mode="online")``, the callback's
    per-step hooks and the featurizer's projection and self-products wrapped with a timer;
    microseconds per optimizer step, next to the whole-step difference to a fit without it.
@@ -36,7 +36,7 @@ Sections:
    * ours: what the callback does at each checkpoint, run from the files: load the weights,
      ``GradientFeaturizer`` (the callback's featuriser; Linear hook fast path, LoGra projection)
      over the training set in batches of 64 (and over the queries), rows into a ``GradientStore``,
-     then ``tracin_self_influence`` / ``tracin_scores``. Projected with k = 1024 (the issue's
+     then ``tracin_self_influence`` / ``tracin_scores``. Projected with k = 1024 (the target's
      setting), 4096 and 16384, and exact (``projection_dim=None``: the store holds each Linear
      layer's input and output-gradient, ``[a | 1 | g]``, 1,100 numbers per sample instead of the
      85,002-entry gradient, and scores are exact: ``(a . a') (g . g')`` per layer). The "both"
@@ -57,7 +57,7 @@ Sections:
    gradients at k=1024 (reference: the best an unstructured random projection of that size does,
    not a TracIn option): Spearman of the self-influence, of all ``100 x n`` scores and per query,
    the mean overlap of the top-10 proponents, and the AUROC of the self-influence for finding the
-   flipped labels. Issue target: k=1024 >= 5x faster than Captum at Spearman >= 0.95 vs exact.
+   flipped labels. Target: k=1024 >= 5x faster than Captum at Spearman >= 0.95 vs exact.
 3. Peak extra memory of the scores computation (b), in a fresh interpreter per case (this script
    re-executed with a hidden flag, one case at a time): load data and checkpoint paths, warm up on
    a tiny input, reset the peak RSS to the current RSS (``/proc/self/clear_refs``; if that is not

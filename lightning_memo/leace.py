@@ -368,7 +368,12 @@ class LeaceFitter:
         )
         self._eraser = None
         if fast:
-            self._update_float32(x.to(torch.float32), z.to(torch.float32))
+            x, z = x.to(torch.float32), z.to(torch.float32)
+            step = max(1, self.flush_rows)  # a big batch in windows: the same error as small ones
+            if n > step:  # refuse bad rows before any window is accumulated
+                self._refuse_nonfinite(x, x.sum(dim=0))
+            for s in range(0, n, step):
+                self._update_float32(x[s : s + step], z[s : s + step])
             return self
         self._flush()
         x, z = x.to(torch.float64), z.to(torch.float64)

@@ -903,3 +903,19 @@ def test_float64_precision_keeps_the_float64_path():
     b = _stream(LeaceFitter(16, 3), x.double(), z, 100)
     for key, v in a.stats().items():
         torch.testing.assert_close(v, b.stats()[key], rtol=0, atol=0)
+
+
+def test_float32_path_big_batch_equals_small_batches():
+    """One big float32 update is split into windows of flush_rows rows: the same statistics as
+    feeding those windows one by one, and a NaN anywhere refuses the whole batch."""
+    x, z = _activation_like(80, 5_000, 96, 3)
+    one = LeaceFitter(96, 3).update(x, z)
+    many = _stream(LeaceFitter(96, 3), x, z, LeaceFitter.flush_rows)
+    for key, v in many.stats().items():
+        torch.testing.assert_close(one.stats()[key], v, rtol=0, atol=0)
+    bad = x.clone()
+    bad[4_500, 3] = float("nan")
+    fitter = LeaceFitter(96, 3)
+    with pytest.raises(ValueError, match="1 of 5000 rows of x contain NaN or inf"):
+        fitter.update(bad, z)
+    assert fitter.n == 0

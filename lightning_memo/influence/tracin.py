@@ -244,6 +244,7 @@ def tracin_self_influence(
     for c, lr in enumerate(store.lrs):
         for s, e, g in store.blocks(c, block, work):
             out[s:e] += lr * row_sq_norm(g.to(device=device), store.layout)
+            del g  # the block's buffer is freed before the next checkpoint's is allocated
     return out
 
 
@@ -273,6 +274,7 @@ def tracin_scores(
         q = query_grads[c].to(device=device, dtype=work)
         for s, e, gb in store.blocks(c, block, work):
             out[:, s:e] += lr * row_dot(q, gb.to(device=device), store.layout)
+            del gb
     return out
 
 
