@@ -22,7 +22,7 @@ from ..capture import extra_pass, layers_key, resolve_layers, resolve_parameters
 from ..data import Accessor, get_indices, get_labels, make_accessor
 from ..distributed import gather_rows, world_size
 from ..influence.features import GradientFeaturizer
-from ..influence.grads import select_parameters
+from ..influence.grads import FactoredGrads, select_parameters
 from ..influence.methods import (
     FitContext,
     InfluenceMethod,
@@ -297,7 +297,10 @@ class InfluenceAnalysis(Callback):
             batch = trainer.strategy.batch_to_device(batch)
             if not uses_gradients:
                 return batch
-            return {k: v.detach() for k, v in feats.grad_dict(model, batch, loss).items()}
+            grads = feats.grad_dict(model, batch, loss, lazy=True)
+            if isinstance(grads, FactoredGrads):  # hook path: formed only where a method reads
+                return grads
+            return {k: v.detach() for k, v in grads.items()}
 
         config = self._config(modules, feats, n)
         with extra_pass(self, model):

@@ -26,7 +26,7 @@ sum-reduce of each entry of :meth:`KFAC.stats`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,13 @@ _FALLBACK = (
     "K-FAC/EK-FAC factor only these layers; for any other layer use method='arnoldi' or "
     "method='exact', or select only Linear/Conv2d layers."
 )
+
+
+def _add_sums(totals: Optional[List[torch.Tensor]], sums: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Per-power running sums over layers (layers may sit on different devices)."""
+    if totals is None:
+        return sums
+    return [t + s.to(t.device) for t, s in zip(totals, sums)]
 
 
 def check_kfac_modules(modules: Dict[str, nn.Module]) -> None:
@@ -417,18 +424,33 @@ class KFAC:
         Returns:
             (B,) in the gradients' dtype.
         """
+        return self.rotated_sums(grads, powers=(1,))[0]
+
+    @torch.no_grad()
+    def rotated_sums(
+        self, grads: Dict[str, torch.Tensor], powers: Sequence[int] = (1, 2)
+    ) -> List[torch.Tensor]:
+        """``[sum_layers sum (Q_S^T G Q_A)^2 / (Λ + λ)^p for p in powers]``: p = 1 is the
+        self-influence ``<G, P(G)>``, p = 2 the squared norm ``||P(G)||^2`` (the bases are
+        orthogonal, so no back-rotation is needed); one rotation serves every power.
+
+        Args:
+            grads: ``{name: (B, d_out, d_in+1)}``.
+
+        Returns:
+            one (B,) tensor per power, in the gradients' dtype.
+        """
         self._ready("self_influence()")
         self._check_names(grads, "self_influence")
-        total: Optional[torch.Tensor] = None
+        totals: Optional[List[torch.Tensor]] = None
         dtype = next(iter(grads.values())).dtype
         for n, gr in grads.items():
             self._check_grad_shape(n, gr)
             qa, inv, qs = self._precond_factors(n, gr.device, self._compute_dtype(gr.dtype))
-            rot = qs.T @ gr.detach().to(qa.dtype) @ qa
-            s = (rot.square() * inv).sum(dim=(1, 2))
-            total = s if total is None else total + s.to(total.device)
-        assert total is not None
-        return total.to(dtype)
+            sq = (qs.T @ gr.detach().to(qa.dtype) @ qa).square_()
+            totals = _add_sums(totals, [(sq * inv.pow(p)).sum(dim=(1, 2)) for p in powers])
+        assert totals is not None
+        return [t.to(dtype) for t in totals]
 
     @torch.no_grad()
     def self_influence_from_io(
@@ -439,60 +461,108 @@ class KFAC:
     ) -> torch.Tensor:
         """:meth:`self_influence` from layer inputs ``a: (B, ..., d_in)`` and output-gradients
         ``g: (B, ..., d_out)`` (as :class:`LinearGradCapture` records them), without forming the
-        per-sample gradients ``G = sum_t g_t [a_t; 1]^T``.
-
-        ``Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T [a_t; 1])^T``: the rows are rotated first. Without
-        positions the rotated gradient is rank one, so ``sum (Q_S^T G Q_A)^2 / (Λ + λ) =
-        sum_{o,i} g~_o^2 a~_i^2 / (Λ + λ)_{oi}`` is one product ``((g~^2) W) . a~^2`` with
-        ``W = 1 / (Λ + λ)``: O(B (d_out + d_in)^2) instead of O(B d_out d_in (d_out + d_in)), and no
-        (B, d_out, d_in) tensor. With positions (sequences, conv patches) the rotated gradient is
-        formed for ``max_elements`` entries at a time.
-
-        Args:
-            a, g: ``{name: tensor}`` for every layer to score (any subset of the tracked ones).
-            max_elements: bound on the (samples, d_out, d_in+1) chunk of the positions case.
+        per-sample gradients ``G = sum_t g_t [a_t; 1]^T`` (see :meth:`rotated_sums_from_io`).
 
         Returns:
             (B,) in the promoted dtype of the inputs (float32 for float32 / float16 inputs).
         """
+        return self.rotated_sums_from_io(a, g, powers=(1,), max_elements=max_elements)[0]
+
+    @torch.no_grad()
+    def rotated_sums_from_io(
+        self,
+        a: Dict[str, torch.Tensor],
+        g: Dict[str, torch.Tensor],
+        powers: Sequence[int] = (1, 2),
+        max_elements: int = 1 << 22,
+    ) -> List[torch.Tensor]:
+        """:meth:`rotated_sums` from layer inputs ``a: (B, ..., d_in)`` and output-gradients
+        ``g: (B, ..., d_out)``, without forming the per-sample gradients.
+
+        ``Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T [a_t; 1])^T``: the rows are rotated first. Without
+        positions the rotated gradient is rank one, so ``sum (Q_S^T G Q_A)^2 / (Λ + λ)^p =
+        sum_{o,i} g~_o^2 a~_i^2 W_{oi}`` is one product ``((g~^2) W) . a~^2`` with
+        ``W = 1 / (Λ + λ)^p``: O(B (d_out + d_in)^2) instead of O(B d_out d_in (d_out + d_in)),
+        and no (B, d_out, d_in) tensor. With positions (sequences, conv patches) the rotated
+        gradient is formed from the T rotated rows (O(T d_out d_in) per sample instead of the
+        O(d_out d_in (d_out + d_in)) rotation of a formed gradient), ``max_elements`` entries at
+        a time.
+
+        Args:
+            a, g: ``{name: tensor}`` for every layer to score (any subset of the tracked ones).
+            powers: the powers p of the weights (1: self-influence, 2: squared norm of P(G)).
+            max_elements: bound on the (samples, d_out, d_in+1) chunk of the positions case.
+
+        Returns:
+            one (B,) tensor per power, in the promoted dtype of the inputs.
+        """
         self._ready("self_influence()")
         self._check_names(a, "self_influence_from_io")
-        total: Optional[torch.Tensor] = None
+        totals: Optional[List[torch.Tensor]] = None
         dtype = None
         for n, an in a.items():
-            gn = g[n]
-            d_out, d_in, bias = self.dims[n]
-            if an.shape[-1] != d_in or gn.shape[-1] != d_out:
-                raise ValueError(
-                    f"Layer {n!r}: expected a (..., {d_in}) and g (..., {d_out}), got "
-                    f"{tuple(an.shape)} and {tuple(gn.shape)}."
-                )
-            dtype = torch.promote_types(an.dtype, gn.dtype) if dtype is None else dtype
-            dt = self._compute_dtype(torch.promote_types(an.dtype, gn.dtype))
-            qa, inv, qs = self._precond_factors(n, an.device, dt)
-            b = an.shape[0]
-            a3 = an.detach().reshape(b, -1, d_in).to(dt)
-            g3 = gn.detach().reshape(b, -1, d_out).to(dt)
-            # rotate [a, 1]: a @ Q_A[:d_in] plus the bias row of Q_A
-            at = a3 @ qa[:d_in]
-            if bias:
-                at = at + qa[d_in]
-            gt = g3 @ qs
+            dtype = torch.promote_types(an.dtype, g[n].dtype) if dtype is None else dtype
+            at, gt, inv = self._rotate_rows(n, an, g[n])
+            ws = [inv.pow(p) for p in powers]
+            b = at.shape[0]
             if at.shape[1] == 1:
-                s = ((gt[:, 0].square() @ inv) * at[:, 0].square()).sum(dim=1)
+                g2, a2 = gt[:, 0].square(), at[:, 0].square()
+                sums = [((g2 @ w) * a2).sum(dim=1) for w in ws]
             else:
                 step = max(1, max_elements // max(1, inv.numel()))
-                s = torch.cat(
-                    [
-                        (torch.bmm(gt[i : i + step].transpose(1, 2), at[i : i + step]).square_()
-                         * inv).sum(dim=(1, 2))
-                        for i in range(0, b, step)
-                    ]
-                )  # fmt: skip
-            total = s if total is None else total + s.to(total.device)
-        if total is None:
+                parts: List[List[torch.Tensor]] = [[] for _ in ws]
+                for i in range(0, b, step):
+                    sq = torch.bmm(gt[i : i + step].transpose(1, 2), at[i : i + step]).square_()
+                    for out, w in zip(parts, ws):
+                        out.append((sq * w).sum(dim=(1, 2)))
+                sums = [torch.cat(p) for p in parts]
+            totals = _add_sums(totals, sums)
+        if totals is None:
             raise ValueError("self_influence_from_io got no layers.")
-        return total.to(dtype)
+        return [t.to(dtype) for t in totals]
+
+    def _rotate_rows(
+        self, n: str, an: torch.Tensor, gn: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of layer ``n`` in its eigenbasis: ``(Q_A^T [a; 1], Q_S^T g, 1 / (Λ + λ))``,
+        ``(B, T, d_in + 1)``, ``(B, T, d_out)`` and ``(d_out, d_in + 1)`` in the compute dtype."""
+        d_out, d_in, bias = self.dims[n]
+        if an.shape[-1] != d_in or gn.shape[-1] != d_out:
+            raise ValueError(
+                f"Layer {n!r}: expected a (..., {d_in}) and g (..., {d_out}), got "
+                f"{tuple(an.shape)} and {tuple(gn.shape)}."
+            )
+        dt = self._compute_dtype(torch.promote_types(an.dtype, gn.dtype))
+        qa, inv, qs = self._precond_factors(n, an.device, dt)
+        b = an.shape[0]
+        a3 = an.detach().reshape(b, -1, d_in).to(dt)
+        g3 = gn.detach().reshape(b, -1, d_out).to(dt)
+        at = a3 @ qa[:d_in]  # rotate [a, 1]: a @ Q_A[:d_in] plus the bias row of Q_A
+        if bias:
+            at = at + qa[d_in]
+        return at, g3 @ qs, inv
+
+    @torch.no_grad()
+    def precondition_from_io(
+        self, a: Dict[str, torch.Tensor], g: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """:meth:`precondition` of the gradients ``G = sum_t g_t [a_t; 1]^T`` from the layer
+        inputs ``a: (B, ..., d_in)`` and output-gradients ``g: (B, ..., d_out)``: the rotation
+        into the eigenbasis is done on the T rows (``Q_S^T G Q_A = sum_t (Q_S^T g_t)(Q_A^T
+        [a_t; 1])^T``), only the rotation back acts on (d_out, d_in + 1) matrices.
+
+        Returns:
+            ``{name: (B, d_out, d_in + 1)}`` in the promoted dtype of the inputs.
+        """
+        self._ready("precondition()")
+        self._check_names(a, "precondition_from_io")
+        out = {}
+        for n, an in a.items():
+            at, gt, inv = self._rotate_rows(n, an, g[n])
+            qa, _, qs = self._precond_factors(n, an.device, at.dtype)
+            rot = torch.bmm(gt.transpose(1, 2), at).mul_(inv)
+            out[n] = (qs @ rot @ qa.T).to(torch.promote_types(an.dtype, g[n].dtype))
+        return out
 
     # ------------------------------------------------------------------ merge, save, load
     def stats(self, which: str = "all") -> Dict[str, torch.Tensor]:

@@ -701,3 +701,127 @@ def test_kfac_influence_self_influence_from_lazy_gradients():
     for key in eager:
         torch.testing.assert_close(lazy[key], eager[key], rtol=0, atol=0)
     torch.testing.assert_close(method.train_rows(lazy), method.train_rows(eager), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ekfac", [True, False])
+def test_hinv_norm_without_back_rotation_equals_the_preconditioned_norm(ekfac):
+    """``||P(G)||`` from the rotated gradient (power 2 of the weights, no back-rotation), from the
+    formed gradients and from the factors (plain rows, a sequence, a conv), equals the norm of the
+    explicitly preconditioned gradient; one call gives self-influence and norm together."""
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for shape in ((9,), (9, 4)):
+        lin = nn.Linear(6, 5).double()
+        a = torch.randn(*shape, 6, generator=g, dtype=DT)
+        og = torch.randn(*shape, 5, generator=g, dtype=DT)
+        cases.append(({"l": lin}, {"l": a}, {"l": og}))
+    model = TinyCNN(nn.Conv2d(2, 3, 3, padding=1), hw=5).double()
+    x = torch.randn(6, 2, 5, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=g)
+    mods = {"conv": model.conv, "fc": model.fc}
+    cases.append((mods, *captured(model, mods, ce_loss, (x, y))))
+    for mods, a, og in cases:
+        k = KFAC(mods, ekfac=ekfac, damping=1e-2)
+        k.update_covariances(a, og)
+        k.compute_eigen()
+        grads = hook_grads(a, og, mods)
+        if ekfac:
+            k.update_eigenvalues(grads)
+        pre = k.precondition(grads)
+        want_sq = sum(p.reshape(p.shape[0], -1).square().sum(1) for p in pre.values())
+        want_self = sum((p * grads[n]).reshape(p.shape[0], -1).sum(1) for n, p in pre.items())
+        s_dense, sq_dense = k.rotated_sums(grads, powers=(1, 2))
+        s_io, sq_io = k.rotated_sums_from_io(a, og, powers=(1, 2), max_elements=1)
+        for got in (sq_dense, sq_io):
+            torch.testing.assert_close(got, want_sq, rtol=1e-10, atol=1e-14)
+        for got in (s_dense, s_io):
+            torch.testing.assert_close(got, want_self, rtol=1e-10, atol=1e-14)
+
+
+def test_kfac_influence_hinv_norm_from_lazy_gradients_equals_eager():
+    """KFACInfluence.hinv_norm / self_influence_and_hinv_norm on lazy (factored) gradients: the
+    norm of the preconditioned query row, nothing materialised."""
+    from lightning_memo.influence.features import GradientFeaturizer
+    from lightning_memo.influence.methods import KFACInfluence
+
+    model = mlp((5, 7, 3))
+    x, y = data(24)
+    modules = linear_modules(model)
+    method = KFACInfluence(modules, damping=1e-3, fisher="empirical")
+    method.fit(model, dict(model.named_parameters()), ce_loss, batches_of(x, y, 8))
+    feats = GradientFeaturizer(modules, projection_dim=None)
+    batch = (x[:10], y[:10])
+    eager = feats.grad_dict(model, batch, ce_loss)
+    lazy = feats.grad_dict(model, batch, ce_loss, lazy=True)
+    want = method.query_rows(eager).double().norm(dim=1)
+    s, n = method.self_influence_and_hinv_norm(lazy)
+    torch.testing.assert_close(
+        method.query_rows(lazy), method.query_rows(eager), rtol=1e-5, atol=1e-7
+    )
+    assert lazy._cache == {}
+    torch.testing.assert_close(n, want, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(method.hinv_norm(eager), want, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(s, method.self_influence(eager), rtol=1e-6, atol=1e-9)
+
+
+def test_kfac_train_scores_from_lazy_gradients_equal_the_flat_rows():
+    """KFACInfluence.train_scores on lazy gradients (each layer formed straight from its factors,
+    no (B, k) concatenation) equals query_rows @ train_rows(eager).T, on a sequence model."""
+    from lightning_memo.influence.features import GradientFeaturizer
+    from lightning_memo.influence.grads import FactoredGrads
+    from lightning_memo.influence.methods import KFACInfluence
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3, bias=False)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x))).mean(dim=1)
+
+    torch.manual_seed(0)
+    model = Seq().double()
+    x = torch.randn(12, 5, 4, dtype=DT)
+    y = torch.randint(0, 3, (12,))
+    modules = {"a": model.a, "b": model.b}
+    method = KFACInfluence(modules, damping=1e-2, fisher="empirical")
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    method.fit(model, dict(model.named_parameters()), ce_loss, batches)
+    feats = GradientFeaturizer(modules, projection_dim=None)
+    q = method.query_rows(feats.grad_dict(model, batches[0], ce_loss))
+    eager = feats.grad_dict(model, batches[1], ce_loss)
+    lazy = feats.grad_dict(model, batches[1], ce_loss, lazy=True)
+    assert isinstance(lazy, FactoredGrads)
+    want = q @ method.train_rows(eager).T
+    got = method.train_scores(q, lazy)
+    assert lazy._cache == {}
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(method.train_scores(q, eager), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("ekfac", [True, False])
+def test_precondition_from_io_equals_precondition(ekfac):
+    """P(G) from the factors' rotated rows equals P of the formed gradients (rows, sequence,
+    conv), and KFACInfluence.query_rows takes that path on lazy gradients."""
+    g = torch.Generator().manual_seed(9)
+    lin = nn.Linear(6, 5).double()
+    a = torch.randn(7, 3, 6, generator=g, dtype=DT)
+    og = torch.randn(7, 3, 5, generator=g, dtype=DT)
+    model = TinyCNN(nn.Conv2d(2, 3, 3, padding=1), hw=5).double()
+    x = torch.randn(6, 2, 5, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=g)
+    mods = {"conv": model.conv, "fc": model.fc}
+    for mods, a, og in (
+        ({"l": lin}, {"l": a}, {"l": og}),
+        (mods, *captured(model, mods, ce_loss, (x, y))),
+    ):
+        k = KFAC(mods, ekfac=ekfac, damping=1e-2)
+        k.update_covariances(a, og)
+        k.compute_eigen()
+        grads = hook_grads(a, og, mods)
+        if ekfac:
+            k.update_eigenvalues(grads)
+        want = k.precondition(grads)
+        got = k.precondition_from_io(a, og)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-13)

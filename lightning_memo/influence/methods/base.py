@@ -177,6 +177,18 @@ class InfluenceMethod:
         rows = self.train_rows(grads)
         return torch.full((rows.shape[0],), float("nan"), dtype=torch.float64)
 
+    def train_scores(self, query_rows: torch.Tensor, grads: Grads) -> torch.Tensor:
+        """(n_query, B) scores of preconditioned ``query_rows: (n_query, k)`` against a batch's
+        training gradients: ``query_rows @ train_rows(grads).T`` (a method may avoid forming the
+        whole (B, k) rows)."""
+        t = self.train_rows(grads).to(device=query_rows.device, dtype=query_rows.dtype)
+        return query_rows @ t.T
+
+    def self_influence_and_hinv_norm(self, grads: Grads) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(self_influence, hinv_norm)`` of one batch; a method that can share work between
+        the two (K-FAC: one rotation) overrides it."""
+        return self.self_influence(grads), self.hinv_norm(grads)
+
     # -- shared
     def fit(
         self,
@@ -347,13 +359,20 @@ def train_pass(
     for batch in _wrap(train_batches, progress):
         grads = grad_fn(batch)
         vals: Dict[str, torch.Tensor] = {}
-        if want_self:
+        if want_self and want_norm and method.uses_gradients:
+            si, hn = method.self_influence_and_hinv_norm(grads)
+            vals["self_influence"] = si.detach().double().cpu()
+            vals["hinv_norm"] = hn.detach().double().cpu()
+        elif want_self:
             vals["self_influence"] = self_of(grads).detach().double().cpu()
-        if want_norm:
+        if want_norm and "hinv_norm" not in vals:
             vals["hinv_norm"] = norm_of(grads).detach().double().cpu()
         if query_rows is not None:
-            t = rows_of(grads).to(device=dev, dtype=query_rows.dtype)
-            vals["scores"] = (query_rows @ t.T).detach().cpu()
+            if method.uses_gradients:
+                vals["scores"] = method.train_scores(query_rows, grads).detach().cpu()
+            else:
+                t = rows_of(grads).to(device=dev, dtype=query_rows.dtype)
+                vals["scores"] = (query_rows @ t.T).detach().cpu()
         b = next(iter(vals.values())).shape[-1] if vals else 0
         idx = index_fn(batch).reshape(-1).cpu() if index_fn is not None else None
         if idx is None:

@@ -4,7 +4,7 @@ layer (George et al. 2018; Grosse et al. 2023). The factor math is
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,23 +89,82 @@ class KFACInfluence(InfluenceMethod):
             out[name] = with_bias_column(w, grads.get(pre + "bias"))
         return out
 
+    def _factored(self, grads: Grads) -> bool:
+        """Whether ``grads`` holds every layer's input and output-gradient (FactoredGrads)."""
+        return isinstance(grads, FactoredGrads) and set(self.modules) <= set(grads.layers())
+
     @staticmethod
     def _flat(layers: Dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([g.reshape(g.shape[0], -1) for g in layers.values()], dim=1)
 
     def query_rows(self, grads: Grads) -> torch.Tensor:
+        if self._factored(grads):  # rotated from the factors' rows (cheaper than from G)
+            a = {n: grads.inputs[n] for n in self.modules}
+            g = {n: grads.grads[n] for n in self.modules}
+            return self._flat(self.kfac.precondition_from_io(a, g))
         return self._flat(self.kfac.precondition(self.layer_grads(grads)))
 
     def train_rows(self, grads: Grads) -> torch.Tensor:
         return self._flat(self.layer_grads(grads))
 
+    def train_scores(self, query_rows: torch.Tensor, grads: Grads) -> torch.Tensor:
+        """(n_query, B): layer by layer, each layer's per-sample gradients formed from its
+        factors straight into (B, d_out, d_in + 1) (one ``bmm`` with a ones column for the bias)
+        and multiplied by that layer's slice of ``query_rows``; no (B, k) concatenation."""
+        if not self._factored(grads):
+            return super().train_scores(query_rows, grads)
+        out: Optional[torch.Tensor] = None
+        off = 0
+        for name in self.modules:
+            d_out, d_in, bias = self.kfac.dims[name]
+            a, g = grads.inputs[name], grads.grads[name]
+            b = a.shape[0]
+            a3 = (
+                a.detach().reshape(b, -1, d_in).to(device=query_rows.device, dtype=query_rows.dtype)
+            )
+            g3 = (
+                g.detach()
+                .reshape(b, -1, d_out)
+                .to(device=query_rows.device, dtype=query_rows.dtype)
+            )
+            if bias:
+                a3 = torch.cat([a3, a3.new_ones(b, a3.shape[1], 1)], dim=2)
+            width = d_out * a3.shape[2]
+            w = torch.bmm(g3.transpose(1, 2), a3).reshape(b, width)  # (B, d_out * (d_in + 1))
+            part = query_rows[:, off : off + width] @ w.T
+            out = part if out is None else out.add_(part)
+            off += width
+        if off != query_rows.shape[1]:
+            raise ValueError(
+                f"query_rows have {query_rows.shape[1]} columns; the layers hold {off} parameters."
+            )
+        assert out is not None
+        return out
+
     def self_influence(self, grads: Grads) -> torch.Tensor:
         """(B,) float64; from the layers' inputs and output-gradients when ``grads`` holds them
         (:class:`~lightning_memo.influence.grads.FactoredGrads`, e.g.
         ``GradientFeaturizer.grad_dict(..., lazy=True)``): no per-sample gradient is formed."""
-        if isinstance(grads, FactoredGrads) and set(self.modules) <= set(grads.layers()):
-            return self.self_influence_from_io(grads.inputs, grads.grads)
-        return self.kfac.self_influence(self.layer_grads(grads)).to(torch.float64)
+        return self._rotated(grads, (1,))[0]
+
+    def hinv_norm(self, grads: Grads) -> torch.Tensor:
+        """(B,) float64 ``||P(G)||``: the bases are orthogonal, so it is the norm of the rotated
+        gradient divided by ``Λ + λ`` (no back-rotation; from the factors when available)."""
+        return self._rotated(grads, (2,))[0].clamp_min(0).sqrt()
+
+    def self_influence_and_hinv_norm(self, grads: Grads) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Both from one rotation of each sample's gradient."""
+        s, sq = self._rotated(grads, (1, 2))
+        return s, sq.clamp_min(0).sqrt()
+
+    def _rotated(self, grads: Grads, powers: Tuple[int, ...]) -> List[torch.Tensor]:
+        if self._factored(grads):
+            a = {n: grads.inputs[n] for n in self.modules}
+            g = {n: grads.grads[n] for n in self.modules}
+            sums = self.kfac.rotated_sums_from_io(a, g, powers)
+        else:
+            sums = self.kfac.rotated_sums(self.layer_grads(grads), powers)
+        return [s.to(torch.float64) for s in sums]
 
     def self_influence_from_io(
         self, inputs: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor]
@@ -115,9 +174,6 @@ class KFACInfluence(InfluenceMethod):
         a = {n: inputs[n] for n in self.modules}
         g = {n: grads[n] for n in self.modules}
         return self.kfac.self_influence_from_io(a, g).to(torch.float64)
-
-    def hinv_norm(self, grads: Grads) -> torch.Tensor:
-        return self.query_rows(grads).to(torch.float64).norm(dim=1)
 
     def damping_used(self) -> Any:
         """The damping: ``{layer: lambda}`` when chosen per layer by the heuristic."""
