@@ -20,6 +20,7 @@ from ..capture import (
     LayerSpec,
     OutputKey,
     PoolingSpec,
+    _StopForward,
     add_forward_hook,
     add_input_hook,
     check_pooling,
@@ -189,6 +190,8 @@ class ConceptErasure(Callback):
         self.out_dir: Optional[str] = None
         self._handles: List[Any] = []
         self._collect: Dict[str, LeaceFitter] = {}
+        self._calls: Dict[str, int] = {}  # hook calls per layer in the current fitting forward
+        self._stop_ok = False  # fitting forwards end after the last fitted layer
         self._probe_rows: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         self._z: Optional[torch.Tensor] = None
         self._mask: Optional[torch.Tensor] = None
@@ -302,6 +305,9 @@ class ConceptErasure(Callback):
                     fitter = self._collect[name] = self._new_fitter(rows.shape[1], z)
                 fitter.update(rows, z)
                 self._keep_probe_rows(name, rows, z)
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self._stop_ok and all(self._calls.get(n, 0) for n in self._collect):
+                raise _StopForward  # every layer being fitted has its rows: skip the rest
         eraser = self.erasers.get(name)
         if eraser is None:
             return None
@@ -483,13 +489,21 @@ class ConceptErasure(Callback):
                         self._z = self._read_concept(batch)
                         batch = trainer.strategy.batch_to_device(batch)
                         self._mask = self._batch_mask(batch)
+                        self._calls = {}
                         with trainer.precision_plugin.forward_context():
-                            self._forward(pl_module, batch)
+                            try:
+                                self._forward(pl_module, batch)
+                            except _StopForward:
+                                pass
+                        if i == 0:  # the first forward runs whole: is each layer called once?
+                            self._stop_ok = all(self._calls.get(n) == 1 for n in group)
                 fitters, self._collect = self._collect, {}
+                self._stop_ok = False
                 self._z = self._mask = None
                 self._finish(trainer, pl_module, fitters, pl_log)
         finally:
             self._collect, self._z, self._mask = {}, None, None
+            self._stop_ok, self._calls = False, {}
 
     def _forward(self, pl_module: LightningModule, batch: Any) -> Any:
         """A fitting pass's forward (``forward_fn`` or ``module(inputs)``), with a clear error."""

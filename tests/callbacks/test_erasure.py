@@ -724,3 +724,48 @@ def test_fit_end_erasers_are_in_the_model_checkpoint(tmp_path):
         str(tmp_path / "ck" / "last.ckpt"), layers="net.3", when="fit_end"
     )  # "net.3" and ["net.3"] name the same state
     assert set(again.erasers) == {"net.3"}
+
+
+# ---------------------------------------------------------------------------- fitting pass cost
+class TwiceMLP(TinyMLP):
+    """net.1 (Tanh) applied twice per forward (a shared module)."""
+
+    def forward(self, x):
+        h = self.net[1](self.net[0](x))
+        return self.net[4](self.net[3](self.net[2](self.net[1](h))))
+
+
+@pytest.mark.parametrize("model_cls", [TinyMLP, TwiceMLP])
+def test_fitting_pass_stops_after_the_fitted_layer(tmp_path, model_cls):
+    """The fitting pass's forwards end once the fitted layer has its rows (the layers after it
+    run only in the first batch's forward), unless the layer runs twice per forward: then every
+    forward runs whole and both calls' rows are fitted. The eraser equals LEACE on the rows."""
+    L.seed_everything(0, verbose=False)
+    model = model_cls()
+    init = copy.deepcopy(model)
+    x, y = make_data()
+    calls = collections.Counter()
+
+    class CountLast(Callback):  # forwards of the last layer during the fitting pass (no grad)
+        def setup(self, trainer, pl_module, stage):
+            def hook(m, inputs, out):
+                if not torch.is_grad_enabled():
+                    calls["fit"] += 1
+
+            pl_module.net[4].register_forward_hook(hook)
+
+    cb = _cb(["net.1"], tmp_path, constrain_cov_trace=False, probe=False)
+    _fit(tmp_path, [CountLast(), cb], model=model, epochs=1)
+    batches = -(-N // 20)
+    with torch.no_grad():
+        if model_cls is TwiceMLP:
+            h = init.net[:2](x)
+            rows = torch.cat(
+                [torch.cat([h[i : i + 20], init.net[1](h[i : i + 20])]) for i in range(0, N, 20)]
+            )
+            z = torch.cat([torch.cat([y[i : i + 20], y[i : i + 20]]) for i in range(0, N, 20)])
+            assert calls["fit"] == batches  # every forward whole
+        else:
+            rows, z = init.net[:2](x), y
+            assert calls["fit"] == 1  # only the first batch's forward reached the last layer
+    _assert_same_eraser(cb.erasers["net.1"], _ref(rows, z), atol=1e-6)
