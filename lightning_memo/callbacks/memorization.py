@@ -56,56 +56,10 @@ from .common import (
 )
 from .reports import maybe_write_report, write_samples
 
-__all__ = ["MemorizationMonitor", "combined_risk", "normalised_ranks"]
+__all__ = ["MemorizationMonitor"]
 
 SOURCES = ("train", "eval")
-WARN_ON = ("psmi", "combined")
 DIRECTIONS = ("gaussian", "orthogonal")
-
-
-def normalised_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks of the finite entries of ``values`` scaled to [0, 1], ascending.
-
-    Args:
-        values: (n,) float; NaN / inf entries are not ranked.
-
-    Returns:
-        (n,) float64: ``(average rank - 1) / (k - 1)`` among the ``k`` finite values (the lowest
-        0, the highest 1, tied values share the mean of their ranks), 0.5 when ``k == 1``, NaN
-        where ``values`` is not finite. Equivalently
-        ``(#{j: v_j < v_i} + #{j != i: v_j == v_i} / 2) / (k - 1)``.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    out = np.full(v.shape, np.nan)
-    ok = np.isfinite(v)
-    k = int(ok.sum())
-    if k == 1:
-        out[ok] = 0.5
-    elif k > 1:
-        _, inv, cnt = np.unique(v[ok], return_inverse=True, return_counts=True)
-        start = np.cumsum(cnt) - cnt  # 0-based rank of the first of each distinct value
-        out[ok] = (start + (cnt - 1) / 2.0)[inv.reshape(-1)] / (k - 1)
-    return out
-
-
-def combined_risk(*signals: np.ndarray) -> np.ndarray:
-    """The combined early-warning score: the mean of the signals' normalised ranks.
-
-    Args:
-        *signals: (n,) float arrays, each oriented so that higher means more at risk (the monitor
-            passes ``-PSMI`` of the flag layer, the loss and ``-margin``); NaN where a sample has
-            no value of that signal.
-
-    Returns:
-        (n,) float64 in [0, 1]: for each sample, the mean of :func:`normalised_ranks` over the
-        signals it has (a signal is ranked among the samples that have it); NaN for a sample with
-        none. Parameter-free: no weights, no scales.
-    """
-    ranks = np.stack([normalised_ranks(s) for s in signals])
-    have = np.isfinite(ranks)
-    n = have.sum(axis=0)
-    total = np.where(have, ranks, 0.0).sum(axis=0)
-    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
 class MemorizationMonitor(Callback):
@@ -115,8 +69,7 @@ class MemorizationMonitor(Callback):
     sample will be memorized (Wongso et al., ISIT 2023; Dentan et al., ECAI 2025). Each evaluated
     epoch the monitor scores every training sample on every chosen layer, logs summaries,
     histograms and the lowest-PSMI inputs, writes ``epoch_<E>.csv`` and flags samples that stay
-    below ``warn_below`` for ``patience`` evaluations (or, with ``warn_on="combined"``, whose
-    combined risk of -PSMI, loss and -margin stays at or above ``risk_above``).
+    below ``warn_below`` for ``patience`` evaluations.
 
     Results after ``fit``: :meth:`scores_at` (an epoch's ``(N,)`` PSMI on one layer),
     :attr:`epochs`, :attr:`flagged`, :attr:`labels` / :attr:`labels_seen`, ``history``.
@@ -159,13 +112,8 @@ class MemorizationMonitor(Callback):
         mask_key: dict key of the attention mask used by pooling (ignored when absent); the
             ``"eval"`` pass calls ``module(**batch)`` with it (without index / label / text keys).
         warn_below: PSMI threshold of the early warning (0: less information than chance).
-        patience: consecutive evaluations at risk (PSMI below ``warn_below``; with
-            ``warn_on="combined"``, risk at or above ``risk_above``) before a sample is flagged.
-        warn_on: what the early warning reads: ``"psmi"`` (PSMI of the flag layer below
-            ``warn_below``) or ``"combined"`` (the ``risk`` column: the mean of the normalised
-            ranks of -PSMI of the flag layer, the loss and -margin, see :func:`combined_risk`).
-        risk_above: threshold of ``warn_on="combined"`` in (0, 1]: 0.9 flags samples ranked
-            among the riskiest 10 % on average over the signals.
+        patience: consecutive evaluations with PSMI below ``warn_below`` before a sample is
+            flagged.
         on_flag: called on every rank with the newly flagged indices ``(k,)`` (numpy).
         stop_on_flag: stop training (all ranks together) when samples get flagged.
         n_show: number of lowest-PSMI inputs shown in TensorBoard and recorded for the report
@@ -182,9 +130,9 @@ class MemorizationMonitor(Callback):
         forward_fn: ``(module, batch) -> output`` used by ``source="eval"``.
         eval_stop_early: ``source="eval"`` only: end each forward of the eval pass as soon as
             every monitored layer has recorded (nothing after the deepest monitored layer runs).
-            The model's output is then never computed, so there is no loss, margin or risk
-            (columns absent from the CSV); it saves the compute after the deepest monitored
-            layer (none when that is the last layer). Incompatible with ``warn_on="combined"``.
+            The model's output is then never computed, so there is no loss or margin (columns
+            absent from the CSV); it saves the compute after the deepest monitored layer (none
+            when that is the last layer).
         num_samples: training-set size ``N`` (default ``len(train_dataloader.dataset)``).
         feature_dtype: dtype of the feature buffers (CPU).
         psmi_kwargs: more arguments of :class:`~lightning_memo.PSMI` (e.g. ``dtype``,
@@ -211,8 +159,6 @@ class MemorizationMonitor(Callback):
         mask_key: Optional[str] = "attention_mask",
         warn_below: float = 0.0,
         patience: int = 2,
-        warn_on: str = "psmi",
-        risk_above: float = 0.9,
         on_flag: Optional[Callable[[np.ndarray], None]] = None,
         stop_on_flag: bool = False,
         n_show: int = 16,
@@ -253,24 +199,12 @@ class MemorizationMonitor(Callback):
             raise ValueError(f"source={source!r}: use 'train' or 'eval'.")
         if not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience={patience!r}: use an integer >= 1.")
-        if warn_on not in WARN_ON:
-            raise ValueError(f"warn_on={warn_on!r}: use 'psmi' or 'combined'.")
-        if not isinstance(risk_above, (int, float)) or not 0.0 < float(risk_above) <= 1.0:
-            raise ValueError(
-                f"risk_above={risk_above!r}: use a number in (0, 1] (the combined risk is a mean "
-                "of normalised ranks in [0, 1])."
-            )
         if directions not in DIRECTIONS:
             raise ValueError(f"directions={directions!r}: use 'orthogonal' or 'gaussian'.")
         if eval_stop_early and source != "eval":
             raise ValueError(
                 f"eval_stop_early=True with source={source!r}: the early stop ends the forwards "
                 "of the eval pass; use source='eval' or drop eval_stop_early."
-            )
-        if eval_stop_early and warn_on == "combined":
-            raise ValueError(
-                "eval_stop_early=True with warn_on='combined': the early stop skips the model's "
-                "output, so there is no loss or margin to combine; use one of them."
             )
         if n_show < 0:
             raise ValueError(f"n_show={n_show!r}: use an integer >= 0.")
@@ -317,8 +251,6 @@ class MemorizationMonitor(Callback):
         self.mask_key = mask_key
         self.warn_below = float(warn_below)
         self.patience = patience
-        self.warn_on = warn_on
-        self.risk_above = float(risk_above)
         self.on_flag = on_flag
         self.stop_on_flag = stop_on_flag
         self.n_show = int(n_show)
@@ -338,7 +270,6 @@ class MemorizationMonitor(Callback):
         self.flagged_epoch: Optional[torch.Tensor] = None  # (N,) epoch flagged, -1 if not
         # run-time only
         self.scores: Dict[int, Dict[str, np.ndarray]] = {}  # epoch -> layer -> (N,) NaN if unscored
-        self.risks: Dict[int, np.ndarray] = {}  # epoch -> (N,) combined risk, NaN if unscored
         self.capture: Optional[FeatureCapture] = None
         self.out_dir: Optional[str] = None
         self._pending_state: Optional[Dict[str, Any]] = None
@@ -418,26 +349,6 @@ class MemorizationMonitor(Callback):
                 f"layer={layer!r} is not one of the monitored layers {list(per_layer)}."
             )
         return per_layer[name].copy()
-
-    def risk_at(self, epoch: int) -> np.ndarray:
-        """The combined risk of every training sample at the end of one evaluated epoch.
-
-        Args:
-            epoch: a 0-based epoch of :attr:`epochs`.
-
-        Returns:
-            (N,) float64 in [0, 1] (:func:`combined_risk` of -PSMI of the flag layer, the loss
-            and -margin; higher = more at risk); NaN where the sample has none of them. A copy.
-
-        Raises:
-            KeyError: ``epoch`` was not evaluated in this process.
-        """
-        if epoch not in self.risks:
-            raise KeyError(
-                f"MemorizationMonitor has no risk for epoch {epoch}; evaluated epochs in this "
-                f"process: {self.epochs}."
-            )
-        return self.risks[epoch].copy()
 
     @property
     def labels(self) -> Optional[torch.Tensor]:
@@ -556,9 +467,7 @@ class MemorizationMonitor(Callback):
             "n_estimators": self.n_estimators,
             "directions": self.directions,
             "seed": self.seed,
-            "warn_on": self.warn_on,
             "warn_below": self.warn_below,
-            "risk_above": self.risk_above,
             "patience": self.patience,
             "num_samples": n,
             "psmi_kwargs": {k: str(v) for k, v in self.psmi_kwargs.items()},
@@ -710,22 +619,14 @@ class MemorizationMonitor(Callback):
             scores[name], stds[name] = mean, std
             summary["layers"][name] = info
         flag_score = scores[self._flag_layer()]
-        risk = self._risk(flag_score, loss, margin)
-        if self.warn_on == "combined":
-            at_risk = np.nan_to_num(risk, nan=-np.inf) >= self.risk_above
-            new = self._advance_flags(~np.isnan(risk), at_risk, epoch)
-            summary["n_at_risk"] = int(at_risk.sum())
-        else:
-            new = self._update_flags(flag_score, epoch)
+        new = self._update_flags(flag_score, epoch)
         summary["n_flagged"] = int((self.flagged_epoch >= 0).sum())
         summary["new_flagged"] = new.tolist()
         self.history.append(summary)
         self.scores[epoch] = scores
-        if risk is not None:
-            self.risks[epoch] = risk
         self._log(trainer, pl_module, epoch, scores, labels, summary)
         if trainer.is_global_zero:
-            self._write_files(trainer, epoch, scores, stds, labels, known, loss, margin, risk, new)
+            self._write_files(trainer, epoch, scores, stds, labels, known, loss, margin, new)
         if len(new):
             self._warn_flagged(new, epoch)
             if self.on_flag is not None:
@@ -852,23 +753,6 @@ class MemorizationMonitor(Callback):
         the layer's position, so every rank and a resumed run draw the same directions."""
         return int(np.random.SeedSequence([self.seed, epoch, layer_index]).generate_state(1)[0])
 
-    def _risk(
-        self, flag_score: np.ndarray, loss: torch.Tensor, margin: torch.Tensor
-    ) -> Optional[np.ndarray]:
-        """(N,) :func:`combined_risk` of -PSMI (flag layer), loss and -margin; ``None`` when
-        there is no loss / margin and the warning does not read the risk."""
-        has_base = bool(torch.isfinite(loss).any())
-        if not has_base and self.warn_on != "combined":
-            return None
-        if not has_base:
-            self._warn_once(
-                "risk-psmi-only",
-                "MemorizationMonitor(warn_on='combined'): the model's output is not class logits "
-                "(B, C) indexed by the labels, so there is no loss or margin; the combined risk "
-                "is the normalised rank of -PSMI alone.",
-            )
-        return combined_risk(-flag_score, loss.numpy(), -margin.numpy())
-
     def _update_flags(self, score: np.ndarray, epoch: int) -> np.ndarray:
         """Advance the PSMI early warning with one evaluation's ``score: (N,)`` (NaN: unscored);
         returns the newly flagged indices."""
@@ -909,13 +793,7 @@ class MemorizationMonitor(Callback):
     def _warn_flagged(self, new: np.ndarray, epoch: int) -> None:
         first = ", ".join(str(i) for i in new[:10])
         more = f" (+{len(new) - 10} more)" if len(new) > 10 else ""
-        if self.warn_on == "combined":
-            what = (
-                f"had a combined risk >= {self.risk_above:g} (-PSMI at layer "
-                f"{self._flag_layer()!r}, loss and -margin)"
-            )
-        else:
-            what = f"had PSMI < {self.warn_below:g} at layer {self._flag_layer()!r}"
+        what = f"had PSMI < {self.warn_below:g} at layer {self._flag_layer()!r}"
         rank_zero_warn(
             f"MemorizationMonitor early warning (epoch {epoch}): {len(new)} training samples have "
             f"{what} for {self.patience} "
@@ -1029,7 +907,6 @@ class MemorizationMonitor(Callback):
         known: torch.Tensor,
         loss: torch.Tensor,
         margin: torch.Tensor,
-        risk: Optional[np.ndarray],
         new: np.ndarray,
     ) -> None:
         names = list(scores)
@@ -1042,8 +919,6 @@ class MemorizationMonitor(Callback):
             header += [f"{name}/psmi_mean", f"{name}/psmi_std"]
         if has_base:
             header += ["loss", "margin"]
-        if risk is not None:
-            header.append("risk")
         header.append("flagged")
         keep = np.nonzero(any_scored | known.numpy())[0]
         cols = [keep.tolist(), labels.numpy()[keep].tolist()]  # columns, then rows: no per-cell
@@ -1051,8 +926,6 @@ class MemorizationMonitor(Callback):
             cols += [scores[name][keep].tolist(), stds[name][keep].tolist()]
         if has_base:
             cols += [loss.numpy()[keep].tolist(), margin.numpy()[keep].tolist()]
-        if risk is not None:
-            cols.append(risk[keep].tolist())
         cols.append((self.flagged_epoch >= 0).numpy()[keep].astype(int).tolist())
         rows = zip(*cols)
         atomic_write_csv(os.path.join(self.out_dir, f"epoch_{epoch}.csv"), header, rows)

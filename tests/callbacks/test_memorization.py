@@ -339,11 +339,7 @@ def test_empty_dataloader_is_refused(tmp_path):
         ({"layers": []}, "empty"),
         ({"directions": "sobol"}, "directions='sobol'"),
         ({"psmi_kwargs": {"directions": "gaussian"}}, "pass directions='gaussian'"),
-        ({"warn_on": "loss"}, "warn_on='loss'"),
-        ({"risk_above": 0.0}, "risk_above=0.0"),
-        ({"risk_above": 1.5}, "risk_above=1.5"),
         ({"eval_stop_early": True, "source": "train"}, "eval_stop_early=True with source='train'"),
-        ({"eval_stop_early": True, "warn_on": "combined"}, "no loss or margin to combine"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -1,5 +1,5 @@
 """MemorizationMonitor's defaults (eval source, orthogonal directions), its eval pass (inference
-mode, early stop, the loader's worker settings) and the combined risk (vs brute-force ranks)."""
+mode, early stop, the loader's worker settings)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memo import PSMI, ConceptErasure, IndexedDataset, MemorizationMonitor
 from lightning_memo.callbacks.common import inference_context, sequential_loader
-from lightning_memo.callbacks.memorization import combined_risk, normalised_ranks
 from tests.callbacks.helpers import TinyMLP, make_data, make_loader, read_csv, seeded_fit
 
 
@@ -30,14 +29,14 @@ def _fit(tmp_path, monitor, epochs=2, **kw):
 def test_monitor_defaults_and_psmi_keeps_the_reference_defaults(tmp_path):
     mon = MemorizationMonitor("net.3", output_dir=str(tmp_path / "o"))
     assert (mon.source, mon.n_estimators, mon.directions) == ("eval", 1000, "orthogonal")
-    assert (mon.eval_stop_early, mon.warn_on, mon.risk_above) == (False, "psmi", 0.9)
+    assert mon.eval_stop_early is False and not hasattr(mon, "warn_on")
     params = inspect.signature(PSMI).parameters  # the estimator stays psmi-compatible
     assert params["directions"].default == "gaussian"
     assert params["n_estimators"].default == "auto"
     _fit(tmp_path, mon, epochs=1)
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     assert cfg["source"] == "eval" and cfg["directions"] == "orthogonal"
-    assert cfg["n_estimators"] == 1000 and cfg["warn_on"] == "psmi"
+    assert cfg["n_estimators"] == 1000 and "warn_on" not in cfg
     assert mon.history[0]["layers"]["net.3"]["n_estimators"] == 1000
     # psmi_kwargs may still name the same directions (the older spelling)
     MemorizationMonitor("net.3", psmi_kwargs={"directions": "orthogonal"})
@@ -47,127 +46,11 @@ def test_monitor_defaults_and_psmi_keeps_the_reference_defaults(tmp_path):
     assert mon.directions == "gaussian" and "directions" not in mon.psmi_kwargs
 
 
-# ---------------------------------------------------------------- combined risk
-def _brute_ranks(v: np.ndarray) -> np.ndarray:
-    ok = [i for i in range(len(v)) if np.isfinite(v[i])]
-    out = np.full(len(v), np.nan)
-    for i in ok:
-        if len(ok) == 1:
-            out[i] = 0.5
-            continue
-        less = sum(v[j] < v[i] for j in ok)
-        tied = sum(v[j] == v[i] for j in ok if j != i)
-        out[i] = (less + tied / 2) / (len(ok) - 1)
-    return out
-
-
-def _brute_risk(*signals: np.ndarray) -> np.ndarray:
-    ranks = [_brute_ranks(s) for s in signals]
-    out = np.full(len(signals[0]), np.nan)
-    for i in range(len(out)):
-        have = [r[i] for r in ranks if np.isfinite(r[i])]
-        if have:
-            out[i] = sum(have) / len(have)
-    return out
-
-
-def test_normalised_ranks_and_combined_risk_equal_brute_force():
-    rng = np.random.default_rng(0)
-    for trial in range(20):
-        n = int(rng.integers(1, 40))
-        sigs = []
-        for _ in range(3):
-            s = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(size=n)
-            s[rng.random(n) < 0.2] = np.nan  # missing values
-            if rng.random() < 0.2:
-                s[rng.random(n) < 0.1] = np.inf  # not finite: not ranked either
-            sigs.append(s)
-        if trial == 3:
-            sigs[1][:] = np.nan  # a signal nobody has
-        for s in sigs:
-            np.testing.assert_allclose(normalised_ranks(s), _brute_ranks(s), atol=1e-12)
-        np.testing.assert_allclose(combined_risk(*sigs), _brute_risk(*sigs), atol=1e-12)
-    r = normalised_ranks(np.array([3.0, 1.0, 2.0, 2.0, np.nan]))
-    np.testing.assert_allclose(r, [1.0, 0.0, 0.5, 0.5, np.nan])
-    np.testing.assert_allclose(normalised_ranks(np.array([np.nan, 7.0])), [np.nan, 0.5])
-    risk = combined_risk(np.array([1.0, 0.0]), np.array([np.nan, 5.0]))
-    np.testing.assert_allclose(risk, [1.0, 0.25])  # each sample: the mean of what it has
-
-
-def test_risk_column_and_combined_early_warning(tmp_path):
-    """risk == brute-force ranks of the CSV's -PSMI, loss and -margin; flags need risk >=
-    risk_above for `patience` evaluations in a row."""
-    mon = MemorizationMonitor(
-        "net.3",
-        n_estimators=100,
-        warn_on="combined",
-        risk_above=0.7,
-        patience=2,
-        output_dir=str(tmp_path / "o"),
-    )
-    with pytest.warns(UserWarning, match=r"combined risk >= 0\.7 \(-PSMI at layer 'net\.3'"):
-        _fit(tmp_path, mon, epochs=3)
-    hits = []
-    for e in range(3):
-        csv = read_csv(tmp_path / "o" / f"epoch_{e}.csv")
-        expected = _brute_risk(-csv["net.3/psmi_mean"], csv["loss"], -csv["margin"])
-        np.testing.assert_allclose(csv["risk"], expected, atol=1e-9)
-        np.testing.assert_allclose(mon.risk_at(e), expected, atol=1e-9)
-        hits.append(expected >= 0.7)
-        assert mon.history[e]["n_at_risk"] == int(hits[-1].sum())
-    first = np.full(120, -1)
-    first[hits[1] & hits[2]] = 2
-    first[hits[0] & hits[1]] = 1
-    assert (first >= 0).any()
-    np.testing.assert_array_equal(mon.flagged, np.nonzero(first >= 0)[0])
-    np.testing.assert_array_equal(mon.flagged_epoch.numpy(), first)
-    flagged = read_csv(tmp_path / "o" / "flagged.csv")
-    np.testing.assert_array_equal(flagged["epoch_flagged"], first[first >= 0])
-    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert cfg["warn_on"] == "combined" and cfg["risk_above"] == 0.7
-    with pytest.raises(KeyError, match="no risk for epoch 5"):
-        mon.risk_at(5)
-
-
-def test_risk_column_is_written_beside_the_psmi_warning(tmp_path):
-    mon = MemorizationMonitor("net.3", n_estimators=100, output_dir=str(tmp_path / "o"))
-    _fit(tmp_path, mon, epochs=1)
-    csv = read_csv(tmp_path / "o" / "epoch_0.csv")
-    assert list(csv)[-4:] == ["loss", "margin", "risk", "flagged"]
-    expected = _brute_risk(-csv["net.3/psmi_mean"], csv["loss"], -csv["margin"])
-    np.testing.assert_allclose(csv["risk"], expected, atol=1e-9)
-    assert "n_at_risk" not in mon.history[0]
-
-
-class _Embedder(TinyMLP):
-    """forward returns (B, 1, 16) features, not logits: no loss or margin."""
-
-    def forward(self, x):
-        return self.net[:4](x).unsqueeze(1)
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self.net[4](self(batch[0]).squeeze(1)), batch[1])
-
-
-def test_combined_risk_without_logits_is_the_psmi_rank(tmp_path):
-    mon = MemorizationMonitor(
-        "net.3", n_estimators=100, warn_on="combined", output_dir=str(tmp_path / "o")
-    )
-    with pytest.warns(UserWarning, match="normalised rank of -PSMI alone"):
-        _fit(tmp_path, mon, epochs=1, model=_Embedder())
-    csv = read_csv(tmp_path / "o" / "epoch_0.csv")
-    assert "loss" not in csv and "margin" not in csv
-    np.testing.assert_allclose(csv["risk"], _brute_ranks(-csv["net.3/psmi_mean"]), atol=1e-9)
-    # no baselines and the PSMI warning: no risk column
-    mon = MemorizationMonitor("net.3", n_estimators=100, output_dir=str(tmp_path / "p"))
-    _fit(tmp_path, mon, epochs=1, model=_Embedder())
-    assert "risk" not in read_csv(tmp_path / "p" / "epoch_0.csv") and not mon.risks
-
-
 # ---------------------------------------------------------------- the eval pass
 def test_eval_stop_early_same_features_no_head_no_baselines(tmp_path):
     runs = {}
     for stop in (False, True):
+        torch.manual_seed(0)  # the same weights in both runs
         model = TinyMLP(lr=0.0)
         calls = []
         model.net[4].register_forward_hook(lambda *a, calls=calls: calls.append(1))
@@ -183,8 +66,8 @@ def test_eval_stop_early_same_features_no_head_no_baselines(tmp_path):
     np.testing.assert_array_equal(early.scores_at(0), full.scores_at(0))
     # 6 training batches + the first-batch check run the head either way; the pass: 6 or none
     assert (n_full, n_early) == (13, 7)
-    assert {"loss", "margin", "risk"} <= set(csv_full)
-    assert not {"loss", "margin", "risk"} & set(csv_early) and not early.risks
+    assert {"loss", "margin"} <= set(csv_full) and "risk" not in csv_full
+    assert not {"loss", "margin"} & set(csv_early)
     cfg = json.loads((tmp_path / "oTrue" / "config.json").read_text())
     assert cfg["eval_stop_early"] is True
 
