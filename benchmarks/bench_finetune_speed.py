@@ -218,12 +218,11 @@ def make_monitor(source: str, n_estimators: int, seed: int) -> MemorizationMonit
     """Every argument the benchmark relies on, explicitly (defaults may change)."""
     extra = _explicit(
         MemorizationMonitor,
-        directions="gaussian",
-        warn_on="psmi",
+        directions="orthogonal",  # the monitor's default
         eval_stop_early=False,
     )
     if "directions" not in extra:
-        extra["psmi_kwargs"] = {"directions": "gaussian"}
+        extra["psmi_kwargs"] = {"directions": "orthogonal"}
     return MemorizationMonitor(
         MONITOR_LAYERS,
         every_n_epochs=1,
@@ -457,8 +456,8 @@ def render(raw: Dict[str, Any]) -> str:
     )
     w(
         '- **monitor**: `MemorizationMonitor(["bert.encoder.layer.5", "classifier:input"], '
-        f'every_n_epochs=1, pooling="mean", n_estimators={meta["n_estimators"]}, Gaussian '
-        'directions, n_show=16)`, `source="train"` (features of the training forward passes) '
+        f'every_n_epochs=1, pooling="mean", n_estimators={meta["n_estimators"]}, orthogonal '
+        'directions (the defaults), n_show=16)`, `source="train"` (features of the training forward passes) '
         f'or `"eval"` (an extra no-grad pass over the {meta["n_train"]} sentences at each '
         "epoch's end).\n"
         '- **TracIn**: `TracIn(["classifier", "bert.encoder.layer.5.output.dense"], '
@@ -630,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--n-val", type=int, default=300)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--train-layers", type=int, default=2)
-    p.add_argument("--n-estimators", type=int, default=2000)
+    p.add_argument("--n-estimators", type=int, default=1000)
     p.add_argument("--max-examples", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
