@@ -420,6 +420,14 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
+def _load_words(meta: Dict[str, Any]) -> str:
+    """'quiet' when the 1-minute load stayed at or below half the 2 cores, else 'shared'."""
+    first = [float(str(meta[k]).split("/")[0]) for k in ("load_start", "load_end")]
+    if max(first) <= 1.0:
+        return "the machine was quiet (1-minute load at most 1 on 2 cores)"
+    return "the 2 cores were shared with other jobs"
+
+
 def render(raw: Dict[str, Any]) -> str:
     meta, fits = raw["meta"], raw["fits"]
     plain = [fits["plain (start)"], fits["plain (end)"]]
@@ -435,7 +443,7 @@ def render(raw: Dict[str, Any]) -> str:
         f"of wall time). Machine: {meta['cpu']}, torch {meta['torch']}, lightning "
         f"{meta['lightning']}, "
         f"transformers {meta['transformers']}; code: {meta.get('git', 'unknown')}. **Load:** "
-        "the 2 cores were shared with other engineers' test runs; load average "
+        f"{_load_words(meta)}; load average "
         f"{meta['load_start']} at the start and "
         f"{meta['load_end']} at the end (1/5/15 min); the 1-minute load at each fit's start "
         "and end is in the last column. One torch thread "
