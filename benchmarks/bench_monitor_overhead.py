@@ -59,8 +59,8 @@ Usage::
     python benchmarks/bench_monitor_overhead.py --quick      # < 60 s smoke run, prints only
     python benchmarks/bench_monitor_overhead.py --model transformer --repeats 5 --threads 2
 
-Targets (every_n_epochs=1): ratio <= 1.10 for ``source="train"``, <= 1.40 for
-``source="eval"``.
+Targets (every_n_epochs=1): on the transformer, ratio <= 1.06 for ``source="train"`` and <= 1.30
+for ``source="eval"``; on the tiny MLP (worst case) <= 2.0 for either source.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_memo import PSMI, IndexedDataset, MemorizationMonitor
 
-TARGETS = {"train": 1.10, "eval": 1.40}
+TARGETS = {
+    "transformer": {"train": 1.06, "eval": 1.30},
+    "mlp": {"train": 2.0, "eval": 2.0},
+}
 FLIP = 0.05  # fraction of labels replaced by a random class (something to memorize)
 
 
@@ -593,7 +596,7 @@ def _verdict(res: Result, c: Config, quick: bool) -> str:
     "(context)"."""
     if not _is_main(res, c):
         return "(context)"
-    target = TARGETS[c.source]
+    target = TARGETS[res.bench.key][c.source]
     ratio = _med(c.times) / _med(res.configs[0].times)
     verdict = f"<= {target:.2f}: {'met' if ratio <= target else '**missed**'}"
     if quick:
@@ -681,8 +684,9 @@ def summary_lines(res: Result) -> List[str]:
     b_epoch = b_med / sizes.epochs
     out = [
         f"Baseline: {b_epoch:.2f} s per epoch, so the targets allow "
-        f"{(TARGETS['train'] - 1) * b_epoch:.2f} s (`train`) and "
-        f"{(TARGETS['eval'] - 1) * b_epoch:.2f} s (`eval`) of monitor work per evaluated epoch. "
+        f"{(TARGETS[res.bench.key]['train'] - 1) * b_epoch:.2f} s (`train`) and "
+        f"{(TARGETS[res.bench.key]['eval'] - 1) * b_epoch:.2f} s (`eval`) of monitor work per "
+        "evaluated epoch. "
         + "PSMI alone takes "
         + ", ".join(
             f"{s:.2f} s per epoch at {_est_name(m, kind)}"
@@ -764,8 +768,9 @@ def build_report(
         "*ratio of minima* = fastest monitor fit / fastest baseline fit (robust to load "
         "spikes); *CPU-time ratio* = the same ratio of medians with process CPU time (all "
         "threads), less sensitive to other load on the machine. Targets: "
-        f"<= {TARGETS['train']:.2f}x for `source='train'`, <= {TARGETS['eval']:.2f}x for "
-        f"`source='eval'`, at `{_est_name(*main)}` ({default_note}); "
+        f"transformer <= {TARGETS['transformer']['train']:.2f}x for `source='train'`, "
+        f"<= {TARGETS['transformer']['eval']:.2f}x for `source='eval'`; tiny MLP (worst case) "
+        f"<= {TARGETS['mlp']['train']:.1f}x for either, at `{_est_name(*main)}` ({default_note}); "
         f"`{_est_name(*ctx)}` (the paper's setting and the earlier default) is context.",
         "**Breakdown columns.** *overhead* = monitor fit - paired baseline fit. *epoch_end* = time "
         "inside the monitor's `on_train_epoch_end` (all epochs), split into *eval pass* (the "
