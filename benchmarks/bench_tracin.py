@@ -399,8 +399,11 @@ def section_breakdown(cfg: Config, data: Dict[str, torch.Tensor]) -> Tuple[str, 
     hooks = [
         (cb_mod.TracIn, "on_train_batch_start", "TracIn.on_train_batch_start (callback)"),
         (cb_mod.TracIn, "on_before_optimizer_step", "TracIn.on_before_optimizer_step (callback)"),
-        (feat_mod.GradientFeaturizer, "from_linear_io", "  of which from_linear_io (projection)"),
-        (feat_mod.GradientFeaturizer, "self_products", "  of which self_products"),
+        (
+            feat_mod.GradientFeaturizer,
+            "self_products_from_linear_io",
+            "  of which self_products_from_linear_io (projected norms)",
+        ),
         (grads_mod, "layer_input_rows", "capture forward hooks: layer_input_rows"),
     ]
     try:
@@ -427,12 +430,15 @@ def section_breakdown(cfg: Config, data: Dict[str, torch.Tensor]) -> Tuple[str, 
         "which itself adds ~1 us per call); the capture hooks' other work (recording the "
         "output and registering its tensor hook, the tensor hook itself in the backward pass) "
         "is part of the difference to the whole-step figure, as are the callback's other "
-        "hooks and Lightning's dispatch to them. `from_linear_io` projects all three layers: "
-        "per layer one fused `addmm` (bias column, loss scale and sqrt(lr) folded in), one `mm` "
-        "and one broadcast product into a shared (B, k) buffer (previously about ten kernels "
-        "per layer: scale, concatenation of the bias column, two matmuls, einsum, reshape, lr "
-        "scale, and a final concatenation; measured 149 us per call before, 103 us after, on "
-        "batches of 64 in a tight loop).\n"
+        "hooks and Lightning's dispatch to them. Without queries online mode needs only each "
+        "sample's squared projected gradient norm, and the Kronecker projection of a rank-one "
+        "gradient is the outer product (P_out g)(P_in [a; 1])^T, whose squared norm is the "
+        "product of the two factors' squared norms: per layer one fused `addmm` (bias column, "
+        "loss scale and sqrt(lr) folded in), one `mm` and two row norms, no (B, k) rows formed "
+        "(with queries the rows are formed, for the train-query products). Other per-step work "
+        "removed: the duplicate-index check runs in the first epoch only, the labels are read "
+        "until every sample's is known, and the layer-to-parameter-group map of the learning "
+        "rates is built once.\n"
     )
     return text, {"per_step_us": per, "extra_us": extra}
 

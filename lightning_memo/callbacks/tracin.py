@@ -10,7 +10,7 @@ Formulas live in :mod:`lightning_memo.influence`.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -180,6 +180,8 @@ class TracIn(Callback):
         self._online_scores: Optional[torch.Tensor] = None
         self._labels: Optional[torch.Tensor] = None  # (N,) int64, meaningful where _labels_seen
         self._labels_seen: Optional[torch.Tensor] = None  # (N,) bool
+        self._all_labels_seen = False  # every label read: stop reading them per step
+        self._lr_slots: Optional[Tuple[tuple, Dict[str, int]]] = None  # layer -> param group
         # run-time
         self.features: Optional[GradientFeaturizer] = None
         self._targets: Optional[tuple] = None  # (modules, params) of the featurizer
@@ -321,6 +323,7 @@ class TracIn(Callback):
             self._labels_seen = torch.zeros(n, dtype=torch.bool)
         if self._labels_seen is None:  # older checkpoints: -1 meant "no label"
             self._labels_seen = self._labels != -1
+        self._all_labels_seen = False
         if self.mode == "online":
             if trainer.accumulate_grad_batches != 1:
                 raise ValueError(
@@ -336,30 +339,34 @@ class TracIn(Callback):
 
     def _lrs(self, trainer: Trainer) -> Dict[str, float]:
         """Learning rate of each differentiated layer (from its optimizer parameter group)."""
-        lrs: Dict[str, float] = {}
-        groups = [
-            (g["lr"], {id(p) for p in g["params"]})
-            for opt in trainer.optimizers
-            for g in opt.param_groups
-        ]
-        for name, mod in self.features.modules.items():
-            for lr, ids in groups:
-                if any(id(p) in ids for p in mod.parameters(recurse=False)):
-                    lrs[name] = float(lr)
-                    break
-        return lrs
+        groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+        key = tuple(id(g) for g in groups) + tuple(len(g["params"]) for g in groups)
+        if self._lr_slots is None or self._lr_slots[0] != key:  # which group holds each layer
+            slots: Dict[str, int] = {}
+            ids = [{id(p) for p in g["params"]} for g in groups]
+            for name, mod in self.features.modules.items():
+                for gi, group_ids in enumerate(ids):
+                    if any(id(p) in group_ids for p in mod.parameters(recurse=False)):
+                        slots[name] = gi
+                        break
+            self._lr_slots = (key, slots)
+        return {name: float(groups[gi]["lr"]) for name, gi in self._lr_slots[1].items()}
 
     # ------------------------------------------------------------------ online mode
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        check = world_size(trainer.strategy) == 1
+        # a dataset that repeats an index within a batch does so in the first epoch
+        check = world_size(trainer.strategy) == 1 and trainer.current_epoch == 0
         idx = get_indices(batch, self._get_index, self.store.num_samples, check_duplicates=check)
-        try:  # labels only annotate the result files; a loss_fn may not need them
-            self._labels[idx.cpu()] = get_labels(batch, self._get_label).cpu()
-            self._labels_seen[idx.cpu()] = True
-        except ValueError:
-            pass
+        if not self._all_labels_seen:
+            try:  # labels only annotate the result files; a loss_fn may not need them
+                cpu_idx = idx.cpu()
+                self._labels[cpu_idx] = get_labels(batch, self._get_label).cpu()
+                self._labels_seen[cpu_idx] = True
+                self._all_labels_seen = bool(self._labels_seen.all())
+            except ValueError:
+                pass
         if self.mode == "online":
             self._batch_idx = idx
             self.features.capture.active = True
@@ -385,6 +392,13 @@ class TracIn(Callback):
             return  # a layer unused in this step
         self.features.set_learning_rates(self._lrs(trainer))
         scale = loss_reduction_scale(self._batch_idx.shape[0], self.loss_reduction)
+        if self.queries is None:  # self-influence only: squared norms, no (B, k) rows
+            own = self.features.self_products_from_linear_io(cap.inputs, cap.grads, scale)
+            cap.clear()
+            idx, own = gather_rows(trainer.strategy, self._batch_idx, own[:, None])
+            self._online_self[idx.cpu()] += own[:, 0].cpu()
+            self._batch_idx = None
+            return
         feats = self.features.from_linear_io(dict(cap.inputs), dict(cap.grads), scale)
         cap.clear()
         idx, feats = gather_rows(trainer.strategy, self._batch_idx, feats)

@@ -200,6 +200,23 @@ class GradientFeaturizer:
         cols.append(g * self.lr_scale.get(name, 1.0))
         return torch.cat(cols, dim=1)
 
+    def self_products_from_linear_io(
+        self, inputs: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], scale: float = 1.0
+    ) -> torch.Tensor:
+        """(B,) float64 ``self_products(from_linear_io(inputs, grads, scale))``; with Kronecker
+        projections of rows without positions, from the factors' norms (no (B, k) rows formed,
+        see :meth:`KroneckerProjector.sq_norms`)."""
+        fast = self.layout is None and self.projectors and "_dense" not in self.projectors
+        if fast and all(inputs[n].ndim == 2 and grads[n].ndim == 2 for n in self.modules):
+            total: Optional[torch.Tensor] = None
+            for name in self.modules:
+                c = scale * self.lr_scale.get(name, 1.0)
+                s = self.projectors[name].sq_norms(inputs[name], grads[name], c)
+                total = s if total is None else total + s
+            assert total is not None
+            return total
+        return self.self_products(self.from_linear_io(inputs, grads, scale).double())
+
     def self_products(self, feats: torch.Tensor) -> torch.Tensor:
         """Squared gradient norm of each row of ``feats: (B, k)`` -> (B,) float64."""
         return row_sq_norm(feats, self.layout)

@@ -150,13 +150,7 @@ class KroneckerProjector:
         p_out_t, p_in_w, p_in_b = self._mats(a)
         dest = out.view(b, self.k_out, self.k_in) if out is not None else None
         if a.ndim == 2 and g.ndim == 2:
-            if p_in_b is not None:
-                pa = torch.addmm(p_in_b, a, p_in_w, beta=scale, alpha=scale)
-            else:
-                pa = torch.mm(a, p_in_w)
-                if scale != 1.0:
-                    pa.mul_(scale)
-            pg = torch.mm(g, p_out_t)
+            pa, pg = self._rank_one_factors(a, g, scale)
             res = torch.mul(pg.unsqueeze(2), pa.unsqueeze(1), out=dest)
         else:  # positions: sum_t (P_out g_t)(P_in a_t)^T
             a3 = a.reshape(b, -1, a.shape[-1])
@@ -171,6 +165,30 @@ class KroneckerProjector:
             if dest is not None:
                 res = dest.copy_(res)
         return res.reshape(b, -1)
+
+    def _rank_one_factors(
+        self, a: torch.Tensor, g: torch.Tensor, scale: float
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(scale P_in [a; 1] (B, k_in), P_out g (B, k_out))`` of rows a: (B, d_in), g:
+        (B, d_out): one fused ``addmm`` (bias column and ``scale`` folded in) and one ``mm``."""
+        dt = torch.promote_types(a.dtype, g.dtype)
+        a, g = a.to(dt), g.to(dt)
+        p_out_t, p_in_w, p_in_b = self._mats(a)
+        if p_in_b is not None:
+            pa = torch.addmm(p_in_b, a, p_in_w, beta=scale, alpha=scale)
+        else:
+            pa = torch.mm(a, p_in_w)
+            if scale != 1.0:
+                pa.mul_(scale)
+        return pa, torch.mm(g, p_out_t)
+
+    def sq_norms(self, a: torch.Tensor, g: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """(B,) float64 squared norms of ``project(a, g, scale)`` for rows a: (B, d_in),
+        g: (B, d_out), without forming them: the projection of the rank-one gradient is the
+        outer product ``(P_out g)(P_in [a; 1])^T``, whose squared norm is the product of the
+        factors' squared norms."""
+        pa, pg = self._rank_one_factors(a, g, scale)
+        return pa.square().sum(1, dtype=torch.float64) * pg.square().sum(1, dtype=torch.float64)
 
     def __call__(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """a: (B, ..., d_in), g: (B, ..., d_out) -> (B, k_out * k_in)."""

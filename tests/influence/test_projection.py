@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_memo.influence import (
     DenseProjector,
@@ -199,3 +200,29 @@ def test_orthogonal_kronecker_factors_unbiased_with_less_variance():
     assert spread["orthogonal"] < 0.85 * spread["gaussian"]  # measured 63 vs 84 (k = 16 x 16)
     q = random_matrix(8, 8, seed=1, kind="orthogonal").double()
     torch.testing.assert_close(q.T @ q, torch.eye(8, dtype=DT), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sq_norms_equal_the_norms_of_the_projected_rows(bias):
+    """KroneckerProjector.sq_norms (factor norms, no (B, k) rows) == ||project(a, g, scale)||^2,
+    and the featurizer's self_products_from_linear_io == self_products(from_linear_io(...)) for
+    rows and (the fallback) for sequences."""
+    from lightning_memo.influence.features import GradientFeaturizer
+    from lightning_memo.influence.projection import KroneckerProjector
+
+    g = torch.Generator().manual_seed(0)
+    proj = KroneckerProjector(7, 5, bias, 12, seed=3)
+    a = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    og = torch.randn(9, 7, generator=g, dtype=torch.float64)
+    want = proj.project(a, og, 0.3).square().sum(1)
+    torch.testing.assert_close(proj.sq_norms(a, og, 0.3), want, rtol=1e-12, atol=0)
+    mods = {"x": nn.Linear(5, 7, bias=bias), "y": nn.Linear(7, 3)}
+    feats = GradientFeaturizer(mods, projection_dim=40, seed=1)
+    feats.set_learning_rates({"x": 0.5, "y": 0.1})
+    for shape in ((9,), (9, 4)):  # rows, then positions (the slow path)
+        ins = {"x": torch.randn(*shape, 5, generator=g), "y": torch.randn(*shape, 7, generator=g)}
+        outs = {"x": torch.randn(*shape, 7, generator=g), "y": torch.randn(*shape, 3, generator=g)}
+        slow = feats.self_products(feats.from_linear_io(ins, outs, 0.25).double())
+        fast = feats.self_products_from_linear_io(ins, outs, 0.25)
+        assert fast.dtype == torch.float64
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=0)
