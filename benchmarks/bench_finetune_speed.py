@@ -465,7 +465,8 @@ def render(raw: Dict[str, Any]) -> str:
     w(
         '- **monitor**: `MemorizationMonitor(["bert.encoder.layer.5", "classifier:input"], '
         f'every_n_epochs=1, pooling="mean", n_estimators={meta["n_estimators"]}, orthogonal '
-        'directions (the defaults), n_show=16)`, `source="train"` (features of the training forward passes) '
+        'directions (the defaults), n_show=16)`, `source="train"` (features of the training '
+        "forward passes) "
         f'or `"eval"` (an extra no-grad pass over the {meta["n_train"]} sentences at each '
         "epoch's end).\n"
         '- **TracIn**: `TracIn(["classifier", "bert.encoder.layer.5.output.dense"], '

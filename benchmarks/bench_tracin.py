@@ -401,8 +401,8 @@ def section_breakdown(cfg: Config, data: Dict[str, torch.Tensor]) -> Tuple[str, 
         (cb_mod.TracIn, "on_before_optimizer_step", "TracIn.on_before_optimizer_step (callback)"),
         (
             feat_mod.GradientFeaturizer,
-            "self_products_from_linear_io",
-            "  of which self_products_from_linear_io (projected norms)",
+            "sq_norms_from_linear_io",
+            "  of which sq_norms_from_linear_io (exact squared norms)",
         ),
         (grads_mod, "layer_input_rows", "capture forward hooks: layer_input_rows"),
     ]
@@ -430,12 +430,11 @@ def section_breakdown(cfg: Config, data: Dict[str, torch.Tensor]) -> Tuple[str, 
         "which itself adds ~1 us per call); the capture hooks' other work (recording the "
         "output and registering its tensor hook, the tensor hook itself in the backward pass) "
         "is part of the difference to the whole-step figure, as are the callback's other "
-        "hooks and Lightning's dispatch to them. Without queries online mode needs only each "
-        "sample's squared projected gradient norm, and the Kronecker projection of a rank-one "
-        "gradient is the outer product (P_out g)(P_in [a; 1])^T, whose squared norm is the "
-        "product of the two factors' squared norms: per layer one fused `addmm` (bias column, "
-        "loss scale and sqrt(lr) folded in), one `mm` and two row norms, no (B, k) rows formed "
-        "(with queries the rows are formed, for the train-query products). Other per-step work "
+        "hooks and Lightning's dispatch to them. Online self-influence needs only each sample's "
+        "squared gradient norm, and the gradient of a Linear layer fed one row per sample is "
+        "the rank-one g [a; 1]^T, whose squared norm is (||a||^2 + 1) ||g||^2: two row norms "
+        "per layer, exact, and no projection or (B, k) rows (with queries the projected rows "
+        "are formed, for the train-query products). Other per-step work "
         "removed: the duplicate-index check runs in the first epoch only, the labels are read "
         "until every sample's is known, and the layer-to-parameter-group map of the learning "
         "rates is built once.\n"

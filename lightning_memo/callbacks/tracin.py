@@ -392,18 +392,16 @@ class TracIn(Callback):
             return  # a layer unused in this step
         self.features.set_learning_rates(self._lrs(trainer))
         scale = loss_reduction_scale(self._batch_idx.shape[0], self.loss_reduction)
-        if self.queries is None:  # self-influence only: squared norms, no (B, k) rows
-            own = self.features.self_products_from_linear_io(cap.inputs, cap.grads, scale)
-            cap.clear()
-            idx, own = gather_rows(trainer.strategy, self._batch_idx, own[:, None])
-            self._online_self[idx.cpu()] += own[:, 0].cpu()
-            self._batch_idx = None
-            return
-        feats = self.features.from_linear_io(dict(cap.inputs), dict(cap.grads), scale)
+        # self-influence: squared gradient norms, exact for layers that see one row per sample
+        own = self.features.sq_norms_from_linear_io(cap.inputs, cap.grads, scale)
+        feats = None
+        if self.queries is not None:  # the (B, k) rows, for the train -> query products
+            feats = self.features.from_linear_io(dict(cap.inputs), dict(cap.grads), scale)
         cap.clear()
-        idx, feats = gather_rows(trainer.strategy, self._batch_idx, feats)
-        self._online_self[idx.cpu()] += self.features.self_products(feats.double()).cpu()
-        if self.queries is not None:
+        idx, own_g = gather_rows(trainer.strategy, self._batch_idx, own[:, None])
+        self._online_self[idx.cpu()] += own_g[:, 0].cpu()
+        if feats is not None:
+            idx, feats = gather_rows(trainer.strategy, self._batch_idx, feats)
             q = self._query_features(trainer, pl_module)
             if self._online_scores is None:
                 self._online_scores = torch.zeros(q.shape[0], self.store.num_samples)

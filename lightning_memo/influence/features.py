@@ -200,22 +200,36 @@ class GradientFeaturizer:
         cols.append(g * self.lr_scale.get(name, 1.0))
         return torch.cat(cols, dim=1)
 
-    def self_products_from_linear_io(
+    def sq_norms_from_linear_io(
         self, inputs: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], scale: float = 1.0
     ) -> torch.Tensor:
-        """(B,) float64 ``self_products(from_linear_io(inputs, grads, scale))``; with Kronecker
-        projections of rows without positions, from the factors' norms (no (B, k) rows formed,
-        see :meth:`KroneckerProjector.sq_norms`)."""
-        fast = self.layout is None and self.projectors and "_dense" not in self.projectors
-        if fast and all(inputs[n].ndim == 2 and grads[n].ndim == 2 for n in self.modules):
-            total: Optional[torch.Tensor] = None
-            for name in self.modules:
-                c = scale * self.lr_scale.get(name, 1.0)
-                s = self.projectors[name].sq_norms(inputs[name], grads[name], c)
-                total = s if total is None else total + s
-            assert total is not None
-            return total
-        return self.self_products(self.from_linear_io(inputs, grads, scale).double())
+        """(B,) float64 squared norms of the per-sample gradients (times each layer's lr, as the
+        features carry sqrt(lr)), summed over the layers: exact for a layer that sees one row
+        per sample, ``(||a||^2 + bias) ||scale g||^2`` (its gradient ``g [a; 1]^T`` is rank
+        one), cheaper than any projection; for a layer with positions (sequences, conv patches)
+        the squared norm of its projected block (exact without a projection)."""
+        rows = [n for n in self.modules if inputs[n].ndim == 2 and grads[n].ndim == 2]
+        if len(rows) < len(self.modules) and "_dense" in self.projectors:  # not per layer
+            return self.self_products(self.from_linear_io(inputs, grads, scale).double())
+        total: Optional[torch.Tensor] = None
+        for name, mod in self.modules.items():
+            a, g = inputs[name], grads[name]
+            c = scale * self.lr_scale.get(name, 1.0)
+            if name in rows:
+                na = a.square().sum(1, dtype=torch.float64)
+                if mod.bias is not None:
+                    na = na + 1.0
+                s = na * g.square().sum(1, dtype=torch.float64) * (c * c)
+            elif name in self.projectors:
+                s = self.projectors[name].project(a, g, c).square().sum(1, dtype=torch.float64)
+            else:
+                w, b = linear_grads_from_io(a, g * c, mod.bias is not None)
+                s = w.square().sum(dim=(1, 2), dtype=torch.float64)
+                if b is not None:
+                    s = s + b.square().sum(1, dtype=torch.float64)
+            total = s if total is None else total + s
+        assert total is not None
+        return total
 
     def self_products(self, feats: torch.Tensor) -> torch.Tensor:
         """Squared gradient norm of each row of ``feats: (B, k)`` -> (B,) float64."""

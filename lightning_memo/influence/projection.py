@@ -182,14 +182,6 @@ class KroneckerProjector:
                 pa.mul_(scale)
         return pa, torch.mm(g, p_out_t)
 
-    def sq_norms(self, a: torch.Tensor, g: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """(B,) float64 squared norms of ``project(a, g, scale)`` for rows a: (B, d_in),
-        g: (B, d_out), without forming them: the projection of the rank-one gradient is the
-        outer product ``(P_out g)(P_in [a; 1])^T``, whose squared norm is the product of the
-        factors' squared norms."""
-        pa, pg = self._rank_one_factors(a, g, scale)
-        return pa.square().sum(1, dtype=torch.float64) * pg.square().sum(1, dtype=torch.float64)
-
     def __call__(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """a: (B, ..., d_in), g: (B, ..., d_out) -> (B, k_out * k_in)."""
         return self.project(a, g)

@@ -810,11 +810,9 @@ def test_precondition_from_io_equals_precondition(ekfac):
     model = TinyCNN(nn.Conv2d(2, 3, 3, padding=1), hw=5).double()
     x = torch.randn(6, 2, 5, 5, generator=g, dtype=DT)
     y = torch.randint(0, 3, (6,), generator=g)
-    mods = {"conv": model.conv, "fc": model.fc}
-    for mods, a, og in (
-        ({"l": lin}, {"l": a}, {"l": og}),
-        (mods, *captured(model, mods, ce_loss, (x, y))),
-    ):
+    conv = {"conv": model.conv, "fc": model.fc}
+    cases = [({"l": lin}, {"l": a}, {"l": og}), (conv, *captured(model, conv, ce_loss, (x, y)))]
+    for mods, a, og in cases:
         k = KFAC(mods, ekfac=ekfac, damping=1e-2)
         k.update_covariances(a, og)
         k.compute_eigen()

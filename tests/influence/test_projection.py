@@ -203,26 +203,34 @@ def test_orthogonal_kronecker_factors_unbiased_with_less_variance():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_sq_norms_equal_the_norms_of_the_projected_rows(bias):
-    """KroneckerProjector.sq_norms (factor norms, no (B, k) rows) == ||project(a, g, scale)||^2,
-    and the featurizer's self_products_from_linear_io == self_products(from_linear_io(...)) for
-    rows and (the fallback) for sequences."""
+@pytest.mark.parametrize("projection_dim", [40, None])
+def test_sq_norms_from_linear_io_exact_for_rows_projected_for_positions(bias, projection_dim):
+    """GradientFeaturizer.sq_norms_from_linear_io: for layers that see one row per sample the
+    exact lr-weighted squared norm of the materialised gradient (whatever the projection); for
+    a layer with positions the squared norm of its features' block (projected or exact)."""
     from lightning_memo.influence.features import GradientFeaturizer
-    from lightning_memo.influence.projection import KroneckerProjector
 
     g = torch.Generator().manual_seed(0)
-    proj = KroneckerProjector(7, 5, bias, 12, seed=3)
-    a = torch.randn(9, 5, generator=g, dtype=torch.float64)
-    og = torch.randn(9, 7, generator=g, dtype=torch.float64)
-    want = proj.project(a, og, 0.3).square().sum(1)
-    torch.testing.assert_close(proj.sq_norms(a, og, 0.3), want, rtol=1e-12, atol=0)
     mods = {"x": nn.Linear(5, 7, bias=bias), "y": nn.Linear(7, 3)}
-    feats = GradientFeaturizer(mods, projection_dim=40, seed=1)
-    feats.set_learning_rates({"x": 0.5, "y": 0.1})
-    for shape in ((9,), (9, 4)):  # rows, then positions (the slow path)
-        ins = {"x": torch.randn(*shape, 5, generator=g), "y": torch.randn(*shape, 7, generator=g)}
-        outs = {"x": torch.randn(*shape, 7, generator=g), "y": torch.randn(*shape, 3, generator=g)}
-        slow = feats.self_products(feats.from_linear_io(ins, outs, 0.25).double())
-        fast = feats.self_products_from_linear_io(ins, outs, 0.25)
-        assert fast.dtype == torch.float64
-        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=0)
+    feats = GradientFeaturizer(mods, projection_dim=projection_dim, seed=1, factored=False)
+    lrs = {"x": 0.5, "y": 0.1}
+    feats.set_learning_rates(lrs)
+    scale = 0.25
+    ins = {"x": torch.randn(9, 5, generator=g), "y": torch.randn(9, 7, generator=g)}
+    outs = {"x": torch.randn(9, 7, generator=g), "y": torch.randn(9, 3, generator=g)}
+    want = torch.zeros(9, dtype=DT)
+    for n, mod in mods.items():
+        w = _vec(ins[n].double(), outs[n].double() * scale, mod.bias is not None)
+        want += lrs[n] * w.square().sum(1)
+    got = feats.sq_norms_from_linear_io(ins, outs, scale)
+    assert got.dtype == DT
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    # layer "x" with positions: its block of the features (projected or exact); "y" exact
+    ins["x"] = torch.randn(9, 4, 5, generator=g)
+    outs["x"] = torch.randn(9, 4, 7, generator=g)
+    rows = feats.from_linear_io(ins, outs, scale).double()
+    kx = feats.projectors["x"].k if projection_dim else 7 * (5 + int(bias))
+    want_x = rows[:, :kx].square().sum(1)
+    wy = _vec(ins["y"].double(), outs["y"].double() * scale, True)
+    got = feats.sq_norms_from_linear_io(ins, outs, scale)
+    torch.testing.assert_close(got, want_x + lrs["y"] * wy.square().sum(1), rtol=1e-5, atol=0)
