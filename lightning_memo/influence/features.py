@@ -212,15 +212,23 @@ class GradientFeaturizer:
         if len(rows) < len(self.modules) and "_dense" in self.projectors:  # not per layer
             return self.self_products(self.from_linear_io(inputs, grads, scale).double())
         total: Optional[torch.Tensor] = None
+        exact: Optional[torch.Tensor] = None  # the row layers, one fused multiply-add each
         for name, mod in self.modules.items():
             a, g = inputs[name], grads[name]
             c = scale * self.lr_scale.get(name, 1.0)
             if name in rows:
-                na = a.square().sum(1, dtype=torch.float64)
+                dt = torch.promote_types(torch.promote_types(a.dtype, g.dtype), torch.float32)
+                a, g = a.to(dt), g.to(dt)  # half-precision captures: sums in float32
+                na = torch.linalg.vecdot(a, a)
                 if mod.bias is not None:
-                    na = na + 1.0
-                s = na * g.square().sum(1, dtype=torch.float64) * (c * c)
-            elif name in self.projectors:
+                    na.add_(1.0)
+                ng = torch.linalg.vecdot(g, g)
+                if exact is None:
+                    exact = na.mul_(ng).mul_(c * c)
+                else:
+                    exact = exact.addcmul_(na, ng, value=c * c)
+                continue
+            if name in self.projectors:
                 s = self.projectors[name].project(a, g, c).square().sum(1, dtype=torch.float64)
             else:
                 w, b = linear_grads_from_io(a, g * c, mod.bias is not None)
@@ -228,6 +236,8 @@ class GradientFeaturizer:
                 if b is not None:
                     s = s + b.square().sum(1, dtype=torch.float64)
             total = s if total is None else total + s
+        if exact is not None:
+            total = exact.double() if total is None else total + exact.double()
         assert total is not None
         return total
 
