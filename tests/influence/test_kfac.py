@@ -629,14 +629,12 @@ def test_eigenvalue_correction_from_inputs_equals_from_gradients():
 
 
 # --------------------------------------------------------------- self-influence from the factors
-@pytest.mark.parametrize("ekfac", [True, False])
-def test_self_influence_from_io_equals_materialised(ekfac):
-    """K-FAC / EK-FAC self-influence from the layer inputs and output-gradients equals the old
-    path through materialised per-sample gradients: Linear with and without bias, a sequence
-    Linear (positions summed), and a Conv2d (patches), chunked or not, float64 and float32."""
-    g = torch.Generator().manual_seed(3)
+def _io_cases(seed, linear_cases):
+    """``[(modules, a, og)]``: one Linear per ``(shape, bias)`` of ``linear_cases`` with random
+    inputs / output-gradients, then a Conv2d + Linear model's captured factors."""
+    g = torch.Generator().manual_seed(seed)
     cases = []
-    for shape, bias in (((9,), True), ((9,), False), ((9, 4), True)):
+    for shape, bias in linear_cases:
         lin = nn.Linear(6, 5, bias=bias).double()
         a = torch.randn(*shape, 6, generator=g, dtype=DT)
         og = torch.randn(*shape, 5, generator=g, dtype=DT)
@@ -645,15 +643,29 @@ def test_self_influence_from_io_equals_materialised(ekfac):
     x = torch.randn(6, 2, 5, 5, generator=g, dtype=DT)
     y = torch.randint(0, 3, (6,), generator=g)
     mods = {"conv": model.conv, "fc": model.fc}
-    a, og = captured(model, mods, ce_loss, (x, y))
-    cases.append((mods, a, og))
+    cases.append((mods, *captured(model, mods, ce_loss, (x, y))))
+    return cases
+
+
+def _fitted(mods, a, og, ekfac, damping):
+    """(KFAC fitted on the factors, the formed per-sample gradients)."""
+    k = KFAC(mods, ekfac=ekfac, damping=damping)
+    k.update_covariances(a, og)
+    k.compute_eigen()
+    grads = hook_grads(a, og, mods)
+    if ekfac:
+        k.update_eigenvalues(grads)
+    return k, grads
+
+
+@pytest.mark.parametrize("ekfac", [True, False])
+def test_self_influence_from_io_equals_materialised(ekfac):
+    """K-FAC / EK-FAC self-influence from the layer inputs and output-gradients equals the old
+    path through materialised per-sample gradients: Linear with and without bias, a sequence
+    Linear (positions summed), and a Conv2d (patches), chunked or not, float64 and float32."""
+    cases = _io_cases(3, (((9,), True), ((9,), False), ((9, 4), True)))
     for mods, a, og in cases:
-        k = KFAC(mods, ekfac=ekfac, damping=1e-3)
-        k.update_covariances(a, og)
-        k.compute_eigen()
-        grads = hook_grads(a, og, mods)
-        if ekfac:
-            k.update_eigenvalues(grads)
+        k, grads = _fitted(mods, a, og, ekfac, 1e-3)
         old = k.self_influence(grads)
         new = k.self_influence_from_io(a, og)
         assert new.dtype == DT and new.shape == old.shape
@@ -677,12 +689,9 @@ def test_self_influence_from_io_equals_materialised(ekfac):
         k.self_influence_from_io({"fc": a["fc"][:, :3]}, {"fc": og["fc"]})
 
 
-def test_kfac_influence_self_influence_from_lazy_gradients():
-    """KFACInfluence.self_influence on GradientFeaturizer.grad_dict(lazy=True): the same numbers
-    as on the eager per-sample gradients, and no per-sample gradient is materialised; reading an
-    entry of the lazy mapping gives the eager tensor."""
+def _fitted_mlp_kfac_and_grads():
+    """(KFACInfluence fitted on a tiny MLP, eager and lazy per-sample gradients of a batch)."""
     from lightning_memo.influence.features import GradientFeaturizer
-    from lightning_memo.influence.grads import FactoredGrads
     from lightning_memo.influence.methods import KFACInfluence
 
     model = mlp((5, 7, 3))
@@ -694,6 +703,16 @@ def test_kfac_influence_self_influence_from_lazy_gradients():
     batch = (x[:10], y[:10])
     eager = feats.grad_dict(model, batch, ce_loss)
     lazy = feats.grad_dict(model, batch, ce_loss, lazy=True)
+    return method, eager, lazy
+
+
+def test_kfac_influence_self_influence_from_lazy_gradients():
+    """KFACInfluence.self_influence on GradientFeaturizer.grad_dict(lazy=True): the same numbers
+    as on the eager per-sample gradients, and no per-sample gradient is materialised; reading an
+    entry of the lazy mapping gives the eager tensor."""
+    from lightning_memo.influence.grads import FactoredGrads
+
+    method, eager, lazy = _fitted_mlp_kfac_and_grads()
     assert isinstance(lazy, FactoredGrads) and list(lazy) == list(eager)
     got = method.self_influence(lazy)
     assert lazy._cache == {}  # nothing materialised
@@ -708,25 +727,8 @@ def test_hinv_norm_without_back_rotation_equals_the_preconditioned_norm(ekfac):
     """``||P(G)||`` from the rotated gradient (power 2 of the weights, no back-rotation), from the
     formed gradients and from the factors (plain rows, a sequence, a conv), equals the norm of the
     explicitly preconditioned gradient; one call gives self-influence and norm together."""
-    g = torch.Generator().manual_seed(5)
-    cases = []
-    for shape in ((9,), (9, 4)):
-        lin = nn.Linear(6, 5).double()
-        a = torch.randn(*shape, 6, generator=g, dtype=DT)
-        og = torch.randn(*shape, 5, generator=g, dtype=DT)
-        cases.append(({"l": lin}, {"l": a}, {"l": og}))
-    model = TinyCNN(nn.Conv2d(2, 3, 3, padding=1), hw=5).double()
-    x = torch.randn(6, 2, 5, 5, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (6,), generator=g)
-    mods = {"conv": model.conv, "fc": model.fc}
-    cases.append((mods, *captured(model, mods, ce_loss, (x, y))))
-    for mods, a, og in cases:
-        k = KFAC(mods, ekfac=ekfac, damping=1e-2)
-        k.update_covariances(a, og)
-        k.compute_eigen()
-        grads = hook_grads(a, og, mods)
-        if ekfac:
-            k.update_eigenvalues(grads)
+    for mods, a, og in _io_cases(5, (((9,), True), ((9, 4), True))):
+        k, grads = _fitted(mods, a, og, ekfac, 1e-2)
         pre = k.precondition(grads)
         want_sq = sum(p.reshape(p.shape[0], -1).square().sum(1) for p in pre.values())
         want_self = sum((p * grads[n]).reshape(p.shape[0], -1).sum(1) for n, p in pre.items())
@@ -741,18 +743,7 @@ def test_hinv_norm_without_back_rotation_equals_the_preconditioned_norm(ekfac):
 def test_kfac_influence_hinv_norm_from_lazy_gradients_equals_eager():
     """KFACInfluence.hinv_norm / self_influence_and_hinv_norm on lazy (factored) gradients: the
     norm of the preconditioned query row, nothing materialised."""
-    from lightning_memo.influence.features import GradientFeaturizer
-    from lightning_memo.influence.methods import KFACInfluence
-
-    model = mlp((5, 7, 3))
-    x, y = data(24)
-    modules = linear_modules(model)
-    method = KFACInfluence(modules, damping=1e-3, fisher="empirical")
-    method.fit(model, dict(model.named_parameters()), ce_loss, batches_of(x, y, 8))
-    feats = GradientFeaturizer(modules, projection_dim=None)
-    batch = (x[:10], y[:10])
-    eager = feats.grad_dict(model, batch, ce_loss)
-    lazy = feats.grad_dict(model, batch, ce_loss, lazy=True)
+    method, eager, lazy = _fitted_mlp_kfac_and_grads()
     want = method.query_rows(eager).double().norm(dim=1)
     s, n = method.self_influence_and_hinv_norm(lazy)
     torch.testing.assert_close(
@@ -803,22 +794,8 @@ def test_kfac_train_scores_from_lazy_gradients_equal_the_flat_rows():
 def test_precondition_from_io_equals_precondition(ekfac):
     """P(G) from the factors' rotated rows equals P of the formed gradients (rows, sequence,
     conv), and KFACInfluence.query_rows takes that path on lazy gradients."""
-    g = torch.Generator().manual_seed(9)
-    lin = nn.Linear(6, 5).double()
-    a = torch.randn(7, 3, 6, generator=g, dtype=DT)
-    og = torch.randn(7, 3, 5, generator=g, dtype=DT)
-    model = TinyCNN(nn.Conv2d(2, 3, 3, padding=1), hw=5).double()
-    x = torch.randn(6, 2, 5, 5, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (6,), generator=g)
-    conv = {"conv": model.conv, "fc": model.fc}
-    cases = [({"l": lin}, {"l": a}, {"l": og}), (conv, *captured(model, conv, ce_loss, (x, y)))]
-    for mods, a, og in cases:
-        k = KFAC(mods, ekfac=ekfac, damping=1e-2)
-        k.update_covariances(a, og)
-        k.compute_eigen()
-        grads = hook_grads(a, og, mods)
-        if ekfac:
-            k.update_eigenvalues(grads)
+    for mods, a, og in _io_cases(9, (((7, 3), True),)):
+        k, grads = _fitted(mods, a, og, ekfac, 1e-2)
         want = k.precondition(grads)
         got = k.precondition_from_io(a, og)
         for n in want:
