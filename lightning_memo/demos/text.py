@@ -160,6 +160,11 @@ class TextClassifier(L.LightningModule):
         train_layers: number of top encoder blocks fine-tuned; the embeddings and the blocks below
             are frozen (faster, and features of frozen blocks do not move).
         lr: learning rate of the encoder blocks; ``head_lr``: of the head.
+
+    The encoder stays in eval mode (``from_pretrained`` returns it so; Lightning warns that the
+    modules are in eval mode at the start of training, which is intended): no dropout inside
+    the encoder, so the frozen blocks' features are fixed; ``dropout`` acts on the pooled
+    features only.
     """
 
     def __init__(
