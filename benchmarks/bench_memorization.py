@@ -26,7 +26,8 @@ thing to the paper's checkpoint): -PSMI (2,000 Gaussian directions) of each moni
 per-sample loss, -margin (logit gap), and ``combined`` = the mean of the normalised ranks of -PSMI
 (the last layer), loss and -margin. A second ``MemorizationMonitor(source="train")`` on the same
 Trainer gives the same signals from the training forward passes (dropout on, weights moving during
-the epoch). ``TracIn`` (online mode, LoGra projection 1024) gives the self-influence accumulated
+the epoch). ``TracIn`` (online mode; exact on row layers, LoGra projection 1024 on sequence
+layers) gives the self-influence accumulated
 so far, copied at each epoch's end. Per signal: AUROC and FPR at TPR = 0.75 (the threshold is the
 score of the ceil(0.75 * n_pos)-th highest positive; negatives tied with it count as false
 positives). The rule "PSMI < 0 on the last layer" (``warn_below=0``, ``patience=1``) is scored per
@@ -668,7 +669,7 @@ def render(raw: Dict[str, Any], out: str) -> str:
         f"(`torch.set_num_threads({meta['threads']})`). CPU: {meta['cpu']}; torch {meta['torch']}, "
         f"lightning {meta['lightning']}, transformers {meta['transformers']}; code: "
         f"{meta.get('git', 'unknown')}. "
-        f"**Load:** the 2-core machine was shared with other engineers' test runs; load average "
+        f"**Load:** load average "
         f"{meta['load_start']} at the start, {meta['load_end']} at the end (1/5/15 min). "
         "Load changes wall times only, not the numbers below (seeded runs).\n"
     )
@@ -703,7 +704,8 @@ def render(raw: Dict[str, Any], out: str) -> str:
         "other logit), and **combined** = the mean of the normalised ranks (0..1) of -PSMI, loss "
         "and -margin, computed here from the monitor's CSV columns. A second monitor with "
         '`source="train"` on the same Trainer gives the same signals from the training forward '
-        "passes. **TracIn so far**: online TracIn self-influence (LoGra projection 1024) "
+        "passes. **TracIn so far**: online TracIn self-influence (exact for layers fed one row "
+        "per sample, e.g. the head; LoGra projection 1024 for layers with positions) "
         "accumulated from the first step to the epoch's end (copied from `tracin.self_influence` "
         "in `on_train_epoch_end` by a subclass).\n"
         "- **Metrics**: AUROC and FPR at TPR = 0.75 (the threshold is the score of the "
