@@ -31,6 +31,12 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_monitor_overhead.py
 	$(PY) benchmarks/bench_leace.py
 	$(PY) benchmarks/bench_tracin.py
+	$(PY) benchmarks/bench_influence.py
+	$(PY) benchmarks/bench_flipped.py
+	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_monitor_defaults.py
+	$(PY) benchmarks/bench_memorization.py
+	$(PY) benchmarks/bench_finetune_speed.py --context
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install -q ruff
