@@ -54,7 +54,7 @@ per group and batch (``torch.func``, vectorised over the groups present in the b
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -281,7 +281,7 @@ def _wrap(batches: Iterable[Any], progress: Optional[Callable]) -> Iterable[Any]
 
 
 def _ordered(grads: Any, params: Optional[Dict[str, torch.Tensor]]) -> Any:
-    if params is None or not isinstance(grads, dict):
+    if params is None or not isinstance(grads, Mapping):  # dicts and lazy FactoredGrads
         return grads
     if set(grads) != set(params):
         raise ValueError(
