@@ -89,14 +89,29 @@ def load_digits_flipped(
     data = load_digits()
     x = (data.data / 16.0).astype(np.float32)
     y_true = data.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    flipped = np.zeros(n, dtype=bool)
-    flipped[rng.choice(n, int(round(flip_fraction * n)), replace=False)] = True
-    y_noisy = y_true.copy()
-    shift = rng.integers(1, 10, size=int(flipped.sum()))
-    y_noisy[flipped] = (y_true[flipped] + shift) % 10
+    y_noisy, flipped = flip_labels(y_true, 10, flip_fraction, seed)
     return x, y_noisy, y_true, flipped
+
+
+def flip_labels(
+    labels: np.ndarray, num_classes: int, fraction: float, seed: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """A seeded share of labels moved to another class drawn uniformly: (given, flipped mask).
+
+    Args:
+        labels: (n,) int class ids; fraction: share of the n labels flipped.
+
+    Returns:
+        given: (n,) the labels with the flipped ones changed; flipped: (n,) bool.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    flipped = np.zeros(n, dtype=bool)
+    flipped[rng.choice(n, size=int(round(fraction * n)), replace=False)] = True
+    given = labels.copy()
+    shift = rng.integers(1, num_classes, size=int(flipped.sum()))
+    given[flipped] = (labels[flipped] + shift) % num_classes
+    return given, flipped
 
 
 def digits_loader(

@@ -40,6 +40,7 @@ from ._common import (
     TimedTracIn,
     auroc,
     fit_demo,
+    flip_labels,
     flipped_split,
     load_digits_flipped,
     per_sample_loss,
@@ -168,12 +169,7 @@ def load_breast_cancer_flipped(
     x = data.data.astype(np.float64)
     x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
     y_true = data.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    flipped = np.zeros(n, dtype=bool)
-    flipped[rng.choice(n, int(round(flip_fraction * n)), replace=False)] = True
-    y_noisy = y_true.copy()
-    y_noisy[flipped] = 1 - y_true[flipped]
+    y_noisy, flipped = flip_labels(y_true, 2, flip_fraction, seed)  # two classes: 1 - y
     return x, y_noisy, y_true, flipped
 
 

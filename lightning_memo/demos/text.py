@@ -14,13 +14,15 @@ from __future__ import annotations
 import glob
 import os
 import zipfile
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._common import flip_labels  # the text demos' label noise; re-exported here
 
 __all__ = [
     "TRANSFORMERS_INSTALL_HINT",
@@ -30,6 +32,7 @@ __all__ = [
     "minilm_path",
     "TextClassifier",
     "Collate",
+    "flip_labels",
 ]
 
 TRANSFORMERS_INSTALL_HINT = "pip install lightning_memo[transformers]"
@@ -216,17 +219,3 @@ class TextClassifier(L.LightningModule):
             ],
             weight_decay=0.0,
         )
-
-
-def flip_labels(
-    labels: np.ndarray, num_classes: int, fraction: float, seed: int
-) -> Tuple[np.ndarray, np.ndarray]:
-    """A seeded share of labels moved to another class drawn uniformly: (given, flipped mask)."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    flipped = np.zeros(n, dtype=bool)
-    flipped[rng.choice(n, size=int(round(fraction * n)), replace=False)] = True
-    given = labels.copy()
-    shift = rng.integers(1, num_classes, size=int(flipped.sum()))
-    given[flipped] = (labels[flipped] + shift) % num_classes
-    return given, flipped
