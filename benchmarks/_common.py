@@ -11,7 +11,7 @@ import platform
 import resource
 import subprocess
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -74,7 +74,8 @@ def auroc(scores: Any, positive: Any) -> float:
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown pipe table (first column left-aligned, the others right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    n = len(headers)  # short rows are padded with empty cells
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] + [""] * (n - len(r)) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(r: Sequence[str]) -> str:
@@ -87,6 +88,43 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         + "|"
     )
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def md_table_compact(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown pipe table without padding (first column left-aligned, the others right)."""
+    out = ["| " + " | ".join(str(h) for h in headers) + " |"]
+    out.append("|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|")
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def git_state(path: str = "lightning_memo") -> Optional[Tuple[str, List[str]]]:
+    """``(short HEAD commit, files under path with uncommitted changes)`` of this repository
+    (others may edit the tree while a benchmark runs: the numbers belong to the code as it
+    was); ``None`` without git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", path], cwd=root, capture_output=True,
+            text=True, timeout=10,
+        ).stdout.split("\n")  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head, [line[3:] for line in dirty if line.strip()]
+
+
+def code_state(path: str = "lightning_memo") -> str:
+    """``"<commit>"`` or ``"<commit> + uncommitted changes in a, b"`` (``"unknown"`` without
+    git)."""
+    state = git_state(path)
+    if state is None:
+        return "unknown"
+    head, files = state
+    return head + (f" + uncommitted changes in {', '.join(files)}" if files else "")
 
 
 def fmt_s(s: float) -> str:

@@ -70,6 +70,9 @@ from lightning_memo import (  # noqa: E402
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+from _common import code_state, md_table_compact  # noqa: E402  (benchmarks/ on sys.path)
+
 DEFAULT_OUT = os.path.join(HERE, "..", "docs", "benchmarks_finetune.md")
 DEFAULT_RAW = os.path.join(tempfile.gettempdir(), "bench_finetune_speed_raw.json")
 
@@ -390,36 +393,7 @@ def profile_text(prof: cProfile.Profile, top: int = 18) -> str:
     return "\n\n".join(out)
 
 
-def git_state() -> str:
-    """The commit and the package files with uncommitted changes (others edit the tree while
-    benchmarks run: the numbers belong to the code as it was)."""
-    import subprocess
-
-    root = os.path.dirname(HERE)
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "lightning_memo"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.split("\n")
-    except OSError:
-        return "unknown"
-    files = [line[3:] for line in dirty if line.strip()]
-    return f"{head}" + (f" + uncommitted changes in {', '.join(files)}" if files else "")
-
-
 # ----------------------------------------------------------------------------- the page
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    out = ["| " + " | ".join(str(h) for h in headers) + " |"]
-    out.append("|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|")
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def _load_words(meta: Dict[str, Any]) -> str:
     """'quiet' when the 1-minute load stayed at or below half the 2 cores, else 'shared'."""
     first = [float(str(meta[k]).split("/")[0]) for k in ("load_start", "load_end")]
@@ -513,7 +487,7 @@ def render(raw: Dict[str, Any]) -> str:
             ]
         )
     w(
-        md_table(
+        md_table_compact(
             [
                 "fit",
                 "wall s",
@@ -556,7 +530,7 @@ def render(raw: Dict[str, Any]) -> str:
             ]
         )
     w(
-        md_table(
+        md_table_compact(
             ["fit", "extra s vs plain", "in hooks", "unaccounted", "largest hooks (s)"],
             hrows,
         )
@@ -596,7 +570,7 @@ def render(raw: Dict[str, Any]) -> str:
             "encoder, so a forward-only eval pass is a smaller share of an epoch.\n"
         )
         w(
-            md_table(
+            md_table_compact(
                 ["fit", "wall s", "training-epoch s", "ratio", "ratio range", "CPU-time ratio"],
                 [
                     [
@@ -710,7 +684,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             max_examples=args.max_examples,
             seed=args.seed,
             threshold=s.threshold,
-            git=git_state(),
+            git=code_state(),
         ),
         "fits": {},
         "profiles": {},

@@ -128,6 +128,8 @@ from _common import (  # noqa: E402  (after the sys.path set-up)
     _rss_kb,
     auroc,
     fmt_mb,
+    git_state,
+    md_table,
     timed,
 )
 
@@ -311,24 +313,6 @@ def max_rel_err(got: Any, want: Any) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A markdown pipe table (first column left-aligned, the others right-aligned)."""
-    n = len(headers)
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] + [""] * (n - len(r)) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r: Sequence[str]) -> str:
-        parts = [r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in range(1, len(r))]
-        return "| " + " | ".join(parts) + " |"
-
-    sep = (
-        "|"
-        + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]])
-        + "|"
-    )
-    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
-
-
 def fmt_s(s: float) -> str:
     if not math.isfinite(s):
         return "-"
@@ -354,19 +338,12 @@ def short_error(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- machine info
 def code_version() -> str:
     """Commit of the repository and whether lightning_memo/influence has uncommitted changes."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=REPO_ROOT,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "lightning_memo/influence"],
-            capture_output=True, text=True, timeout=10, cwd=REPO_ROOT,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
+    state = git_state("lightning_memo/influence")
+    if state is None:
         return "unknown"
-    state = "with uncommitted changes in lightning_memo/influence" if dirty else "clean"
-    return f"commit {head or 'unknown'} ({state})"
+    head, dirty = state
+    how = "with uncommitted changes in lightning_memo/influence" if dirty else "clean"
+    return f"commit {head or 'unknown'} ({how})"
 
 
 def thread_probe() -> str:

@@ -70,6 +70,9 @@ import lightning as L  # noqa: E402
 from lightning_memo import MemorizationMonitor, TracIn  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+from _common import code_state, md_table_compact  # noqa: E402  (benchmarks/ on sys.path)
+
 DEFAULT_OUT = os.path.join(HERE, "..", "docs", "benchmarks_memorization.md")
 DEFAULT_RAW = os.path.join(tempfile.gettempdir(), "bench_memorization_raw.json")
 
@@ -449,28 +452,6 @@ def run_minilm(seed: int, cfg: Dict[str, Any], n_estimators: int, root: str) -> 
     return res
 
 
-def git_state() -> str:
-    """The commit and the package files with uncommitted changes (others edit the tree while
-    benchmarks run: the numbers belong to the code as it was)."""
-    import subprocess
-
-    root = os.path.dirname(HERE)
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "lightning_memo"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.split("\n")
-    except OSError:
-        return "unknown"
-    files = [line[3:] for line in dirty if line.strip()]
-    return head + (f" + uncommitted changes in {', '.join(files)}" if files else "")
-
-
 # ----------------------------------------------------------------------------- the page
 def _agg(vals: Sequence[float], digits: int = 3) -> str:
     v = np.array([x for x in vals if x is not None and not np.isnan(x)], dtype=float)
@@ -541,7 +522,7 @@ def _signal_table(runs: Dict[str, Any], tag: str, metric: str, with_tracin: bool
         cells[best] = f"**{cells[best]}**"
         label = "E* (paper-timed)" if e == "E*" else str(e)
         rows.append([label] + cells)
-    return md_table(["epoch"] + heads, rows)
+    return md_table_compact(["epoch"] + heads, rows)
 
 
 def _rule_table(runs: Dict[str, Any], tag: str) -> str:
@@ -562,7 +543,7 @@ def _rule_table(runs: Dict[str, Any], tag: str) -> str:
         "precision (flipped)",
         "recall (flipped)",
     ]
-    return md_table(heads, rows)
+    return md_table_compact(heads, rows)
 
 
 def _layer_table(runs: Dict[str, Any], metric: str) -> str:
@@ -582,7 +563,7 @@ def _layer_table(runs: Dict[str, Any], metric: str) -> str:
             c = _agg([r["layers"][e][lay][metric] for r in runs.values()])
             cells.append(f"**{c}**" if best_per_epoch[e] == lay else c)
         rows.append([lay] + cells)
-    return md_table(["layer"] + [f"epoch {e}" for e in shown], rows)
+    return md_table_compact(["layer"] + [f"epoch {e}" for e in shown], rows)
 
 
 def _diag_epochs(runs: Dict[str, Any]) -> List[Any]:
@@ -602,7 +583,7 @@ def _diag_table(runs: Dict[str, Any]) -> str:
                 for m in ("auroc", "auroc_flip", "auroc_within")
             ]
             rows.append(["E* (paper-timed)" if e == "E*" else str(e), n] + cells)
-    return md_table(
+    return md_table_compact(
         ["epoch", "signal", "AUROC vs memorized", "AUROC flipped vs rest", "AUROC among flipped"],
         rows,
     )
@@ -622,14 +603,7 @@ def _median_table(runs: Dict[str, Any]) -> str:
                 vals.append(r["epochs"][ep_key].get("psmi_median", {}).get(g, float("nan")))
             cells.append(_agg(vals, 2))
         rows.append(["E* (paper-timed)" if e == "E*" else str(e)] + cells)
-    return md_table(["epoch"] + groups, rows)
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    out = ["| " + " | ".join(str(h) for h in headers) + " |"]
-    out.append("|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|")
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    return md_table_compact(["epoch"] + groups, rows)
 
 
 def _combined_verdict(runs: Dict[str, Any], tag: str) -> Tuple[int, int, int, int, List[str]]:
@@ -738,7 +712,7 @@ def render(raw: Dict[str, Any], out: str) -> str:
             summary_rows.append(row)
     w("## Summary: FPR at TPR = 0.75 (lower is better), eval-pass signals\n")
     w(
-        md_table(
+        md_table_compact(
             [
                 "setting",
                 "signal",
@@ -773,7 +747,7 @@ def render(raw: Dict[str, Any], out: str) -> str:
         ["Dentan et al.", "early", f"{PAPER_RULE['tpr']:.2f}", f"{PAPER_RULE['fpr']:.2f}", "—"]
     )
     w("**The PSMI < 0 rule (last layer, eval pass) against memorized samples:**\n")
-    w(md_table(["setting", "epoch", "TPR", "FPR", "precision"], rule_rows) + "\n")
+    w(md_table_compact(["setting", "epoch", "TPR", "FPR", "precision"], rule_rows) + "\n")
     w("VERDICT_PLACEHOLDER\n")
 
     for key in ("digits", "minilm"):
@@ -834,7 +808,7 @@ def render(raw: Dict[str, Any], out: str) -> str:
                 ]
             )
         w(
-            md_table(
+            md_table_compact(
                 [
                     "seed",
                     "flipped",
@@ -946,7 +920,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch=info["torch"],
         lightning=info["lightning"],
         transformers=info.get("transformers", ""),
-        git=raw["meta"].get("git", git_state()),
+        git=raw["meta"].get("git", code_state()),
     )
     minilm_cfg = dict(
         n_train=args.n_train,
