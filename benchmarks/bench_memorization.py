@@ -606,11 +606,11 @@ def _median_table(runs: Dict[str, Any]) -> str:
     return md_table_compact(["epoch"] + groups, rows)
 
 
-def _combined_verdict(runs: Dict[str, Any], tag: str) -> Tuple[int, int, int, int, List[str]]:
-    """Per shown epoch and E*: does 'combined' beat the best single signal (means over seeds)?"""
+def _combined_verdict(runs: Dict[str, Any], tag: str, label: str) -> str:
+    """Per shown epoch and E*: does 'combined' beat the best single signal (means over seeds)?
+    One sentence counting the rows where it does; ``label`` names the feature source."""
     singles = [f"{s} ({tag})" for s in ("-PSMI", "loss", "-margin")]
     wins_a = wins_f = total = 0
-    notes = []
     for e in _shown_epochs(_epochs_of(runs)) + ["E*"]:
         c_a = _mean([_sig(r, e, f"combined ({tag})", "auroc") for r in runs.values()])
         c_f = _mean([_sig(r, e, f"combined ({tag})", "fpr75") for r in runs.values()])
@@ -619,8 +619,10 @@ def _combined_verdict(runs: Dict[str, Any], tag: str) -> Tuple[int, int, int, in
         total += 1
         wins_a += int(c_a > s_a)
         wins_f += int(c_f < s_f)
-        notes.append(f"{e}: AUROC {c_a:.3f} vs best single {s_a:.3f}; FPR {c_f:.3f} vs {s_f:.3f}")
-    return wins_a, wins_f, total, total, notes
+    return (
+        f"*Combined vs the best single signal{label}:* higher AUROC in {wins_a} of {total} rows, "
+        f"lower FPR@0.75 in {wins_f} of {total} rows.\n"
+    )
 
 
 def _estar_line(runs: Dict[str, Any]) -> str:
@@ -826,21 +828,13 @@ def render(raw: Dict[str, Any], out: str) -> str:
         w(_signal_table(runs, "eval", "auroc", True) + "\n")
         w("### FPR at TPR = 0.75 (eval-pass signals; lower is better)\n")
         w(_signal_table(runs, "eval", "fpr75", True) + "\n")
-        wa, wf, ta, _, notes = _combined_verdict(runs, "eval")
-        w(
-            f"*Combined vs the best single signal (means over seeds), eval pass:* higher AUROC in "
-            f"{wa} of {ta} rows, lower FPR@0.75 in {wf} of {ta} rows.\n"
-        )
+        w(_combined_verdict(runs, "eval", " (means over seeds), eval pass"))
         w('### The same signals from the training forward passes (`source="train"`)\n')
         w("AUROC:\n")
         w(_signal_table(runs, "train", "auroc", False) + "\n")
         w("FPR at TPR = 0.75:\n")
         w(_signal_table(runs, "train", "fpr75", False) + "\n")
-        wa, wf, ta, _, _ = _combined_verdict(runs, "train")
-        w(
-            f"*Combined vs the best single signal, training passes:* higher AUROC in {wa} of {ta} "
-            f"rows, lower FPR@0.75 in {wf} of {ta} rows.\n"
-        )
+        w(_combined_verdict(runs, "train", ", training passes"))
         w("### The PSMI < 0 rule (flag layer, eval pass)\n")
         w(_rule_table(runs, "eval") + "\n")
         w("Same rule on the training-pass PSMI:\n")
