@@ -93,15 +93,20 @@ class KFACInfluence(InfluenceMethod):
         """Whether ``grads`` holds every layer's input and output-gradient (FactoredGrads)."""
         return isinstance(grads, FactoredGrads) and set(self.modules) <= set(grads.layers())
 
+    def _io(self, grads: FactoredGrads) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """The tracked layers' inputs (B, ..., d_in) and output-gradients (B, ..., d_out)."""
+        return (
+            {n: grads.inputs[n] for n in self.modules},
+            {n: grads.grads[n] for n in self.modules},
+        )
+
     @staticmethod
     def _flat(layers: Dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([g.reshape(g.shape[0], -1) for g in layers.values()], dim=1)
 
     def query_rows(self, grads: Grads) -> torch.Tensor:
         if self._factored(grads):  # rotated from the factors' rows (cheaper than from G)
-            a = {n: grads.inputs[n] for n in self.modules}
-            g = {n: grads.grads[n] for n in self.modules}
-            return self._flat(self.kfac.precondition_from_io(a, g))
+            return self._flat(self.kfac.precondition_from_io(*self._io(grads)))
         return self._flat(self.kfac.precondition(self.layer_grads(grads)))
 
     def train_rows(self, grads: Grads) -> torch.Tensor:
@@ -159,21 +164,10 @@ class KFACInfluence(InfluenceMethod):
 
     def _rotated(self, grads: Grads, powers: Tuple[int, ...]) -> List[torch.Tensor]:
         if self._factored(grads):
-            a = {n: grads.inputs[n] for n in self.modules}
-            g = {n: grads.grads[n] for n in self.modules}
-            sums = self.kfac.rotated_sums_from_io(a, g, powers)
+            sums = self.kfac.rotated_sums_from_io(*self._io(grads), powers)
         else:
             sums = self.kfac.rotated_sums(self.layer_grads(grads), powers)
         return [s.to(torch.float64) for s in sums]
-
-    def self_influence_from_io(
-        self, inputs: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """(B,) float64 self-influence from each layer's input ``(B, ..., d_in)`` and
-        output-gradient ``(B, ..., d_out)`` (see :meth:`KFAC.self_influence_from_io`)."""
-        a = {n: inputs[n] for n in self.modules}
-        g = {n: grads[n] for n in self.modules}
-        return self.kfac.self_influence_from_io(a, g).to(torch.float64)
 
     def damping_used(self) -> Any:
         """The damping: ``{layer: lambda}`` when chosen per layer by the heuristic."""
